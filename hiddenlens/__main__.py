@@ -1,0 +1,3 @@
+from hiddenlens.cli import main
+
+main()
