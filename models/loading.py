@@ -9,6 +9,7 @@ Specs:
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -22,8 +23,10 @@ from .embedded import EMBEDDED_SPEC, ensure_converted
 from .handle import ModelHandle
 from .tiny import TINY_SPECS, build_tiny
 
-#: kind (the "kind" field of hiddenlens_model.json) -> fn(directory, device, dtype) -> (hf_model, tokenizer)
+#: kind (the "kind" field of hiddenlens_model.json) -> fn(directory, dtype) -> (hf_model, tokenizer)
 _DIRECTORY_LOADERS: dict[str, Callable] = {}
+#: modules that register a directory loader when imported, by kind
+_LOADER_MODULES = {"bigram-backcopy": "hiddenlens.models.bigram_backcopy"}
 MARKER = "hiddenlens_model.json"
 
 
@@ -109,6 +112,8 @@ def load_model(spec: str = EMBEDDED_SPEC, backend: str = "hf", device: str | tor
         d = Path(spec)
         if (d / MARKER).is_file():
             kind = json.loads((d / MARKER).read_text()).get("kind")
+            if kind not in _DIRECTORY_LOADERS and kind in _LOADER_MODULES:
+                importlib.import_module(_LOADER_MODULES[kind])
             if kind not in _DIRECTORY_LOADERS:
                 raise ValueError(f"{d} holds a hiddenlens model of kind {kind!r}, but no loader is registered for "
                                  f"it (known: {sorted(_DIRECTORY_LOADERS)}); import the module that trains it")

@@ -14,7 +14,7 @@ app.add_typer(bench_app, name="bench")
 
 def main() -> None:
     from . import foundation  # noqa: F401  (registers commands)
-    for mod in ("intention", "sinks", "truth", "leakage", "dashboard"):
+    for mod in ("bench_capture", "intention", "sinks", "truth", "leakage", "dashboard"):
         try:
             __import__(f"hiddenlens.cli.{mod}")
         except ModuleNotFoundError as exc:
