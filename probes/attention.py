@@ -6,6 +6,10 @@ dispatcher registered with transformers' ``AttentionInterface``: attention modul
 computation below and hand ``scores`` / ``pattern`` to the tap; every other module calls the original kernel
 unchanged. The original implementation is restored in ``finally``.
 
+Models with a non-softmax attention (e.g. the ReLU attention of the Bigram-Backcopy models) declare their own
+weights function with :func:`register_pattern_function` under the name of their attention implementation; taps
+on such a model then report the model's own scores and pattern (not a softmax recomputed from the scores).
+
 Numerics: eager and SDPA differ by float rounding only (about 1e-6 relative in fp32, 1e-3 in bf16), so a
 tapped layer's output can differ from an untapped run by that much; untapped layers are bit-identical. Parity
 tests against HF's own ``output_attentions`` therefore load the model with ``attn_implementation="eager"``.
@@ -18,6 +22,19 @@ from typing import Callable
 import torch
 
 _REGISTERED: set[str] = set()
+#: attention implementation name -> fn(module, query, key, value, attention_mask, **kw) -> (out, scores, pattern)
+_PATTERN_FUNCTIONS: dict[str, Callable] = {}
+
+
+def register_pattern_function(implementation: str, fn: Callable) -> None:
+    """Declare how a custom attention implementation computes its weights, so captures report them.
+
+    ``implementation`` is the name the model's ``config._attn_implementation`` holds (registered with
+    transformers' ``AttentionInterface``); ``fn`` has the signature of :func:`eager_with_weights` and returns
+    ``(attn_output [b, q, h, d], scores [b, h, q, k], pattern [b, h, q, k])``. Without a registration the taps
+    compute softmax attention.
+    """
+    _PATTERN_FUNCTIONS[implementation] = fn
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -72,12 +89,13 @@ def _register(base: str) -> str:
 
     def dispatch(module, query, key, value, attention_mask, *args, **kwargs):
         tap: Callable | None = getattr(module, "_hiddenlens_attn_tap", None)
+        weights_fn = _PATTERN_FUNCTIONS.get(base, eager_with_weights)
         if tap is None:
             if original is not None:
                 return original(module, query, key, value, attention_mask, *args, **kwargs)
-            out, _, pattern = eager_with_weights(module, query, key, value, attention_mask, *args, **kwargs)
+            out, _, pattern = weights_fn(module, query, key, value, attention_mask, *args, **kwargs)
             return out, pattern
-        out, scores, pattern = eager_with_weights(module, query, key, value, attention_mask, *args, **kwargs)
+        out, scores, pattern = weights_fn(module, query, key, value, attention_mask, *args, **kwargs)
         tap(scores, pattern)
         return out, pattern
 

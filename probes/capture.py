@@ -54,8 +54,9 @@ class ActivationCache:
     they came from ``handle.run`` / ``handle.generate``.
     """
 
-    def __init__(self, sites: list[Site]):
+    def __init__(self, sites: list[Site], n_layers: int):
         self.sites = sites
+        self.n_layers = n_layers
         self._chunks: dict[str, list[Chunk]] = defaultdict(list)
         self.stats: dict[str, RunningStats] = {}
         self.fire_counts: dict[str, int] = {s.name: 0 for s in sites}
@@ -65,12 +66,10 @@ class ActivationCache:
 
     # ---- access --------------------------------------------------------------------------------------
     def _site(self, name: str) -> Site:
-        from .sites import resolve_sites as _resolve
-
+        """Look a site up by name or alias (``blocks.-1.resid_post``, ``blocks.5.hook_resid_post``)."""
         if name in self._by_name:
             return self._by_name[name]
-        layers = max([s.layer for s in self.sites if s.layer is not None], default=0) + 1
-        resolved = _resolve(name, max(layers, 1) if "blocks" in name else 1)
+        resolved = resolve_sites(name, self.n_layers)
         if len(resolved) == 1 and resolved[0].name in self._by_name:
             return self._by_name[resolved[0].name]
         raise KeyError(f"{name!r} was not captured; captured sites: {', '.join(self._by_name)}")
@@ -176,7 +175,7 @@ class Capture:
             raise ValueError(f"reduce={reduce!r}: use None, 'stats' (mean + covariance), 'mean' or a function")
         self.positions, self.reduce, self.to, self.dtype = positions, reduce, to, dtype
         self.grad, self.check_finite, self.require_all = grad, check_finite, require_all
-        self.cache = ActivationCache(self.sites)
+        self.cache = ActivationCache(self.sites, adapter.n_layers)
         self.n_forwards = 0
         self._run = -1
         self._offset = 0
