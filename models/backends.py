@@ -46,10 +46,22 @@ def attach(handle, capture):
     return undo
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, as HF ``generate`` does: ``[batch, pos]``.
+
+    Without them a left-padded row of an absolute-position model (GPT-2) would embed its tokens at shifted
+    positions, so its activations would depend on the other prompts of the batch.
+    """
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
 def backend_forward(handle, batch, logits: bool = True, **kwargs):
     """One forward over a :class:`Batch`; returns logits ``[batch, pos, vocab]`` or None."""
     if handle.backend == "hf":
+        kwargs.setdefault("position_ids", position_ids(batch.attention_mask))
         with torch.no_grad() if not torch.is_grad_enabled() else torch.enable_grad():
+            kwargs.setdefault("position_ids", batch.position_ids)
             if logits:
                 return handle.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                        use_cache=False, **kwargs).logits
@@ -73,12 +85,16 @@ def backend_generate(handle, batch, max_new_tokens: int, do_sample: bool, output
         seqs = nnsight_generate(handle, batch, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
         scores = []
     else:
-        # The TransformerBridge wraps the same HF modules, so HF's generate runs through its hook points.
+        # transformer_lens: HF's generate on the bridged clone (shared weights), so the bridge's hook points fire.
         tok = handle.tokenizer
-        out = handle.hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                       pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
-                                       output_scores=output_scores, streamer=streamer, **kwargs)
+        model = handle.hf_model
+        if handle.backend == "transformer_lens":
+            from hiddenlens.probes.tl_hooks import generation_model
+            model = generation_model(handle)
+        out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
+                             output_scores=output_scores, streamer=streamer, **kwargs)
         seqs, scores = out.sequences, list(out.scores or [])
     plen = batch.input_ids.shape[1]
     new = seqs[:, plen:]

@@ -100,6 +100,7 @@ class BBGenerator:
         first[self.triggers] = 0.0
         self._first = torch.tensor(first / first.sum())
         self._cond = torch.tensor(self.stats.cond)
+        self._cdf = self._cond.cumsum(1).contiguous()
         self._is_trigger = torch.zeros(self.vocab_size, dtype=torch.bool)
         self._is_trigger[self.triggers] = True
 
@@ -108,20 +109,30 @@ class BBGenerator:
         return self._is_trigger.to(ids.device)[ids]
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``batch`` sequences of length ``seq_length + 1`` (long), BOS first."""
-        x = torch.empty(batch, self.seq_length + 1, dtype=torch.long)
+        """``batch`` sequences of length ``seq_length + 1`` (long), BOS first.
+
+        Bigram draws are inverse-CDF samples (``searchsorted`` of one uniform per token, right side, so
+        zero-probability characters are never drawn).
+        """
+        n = self.seq_length + 1
+        u = torch.rand(n, batch, 1, generator=generator, dtype=torch.float64)
+        x = torch.empty(batch, n, dtype=torch.long)
         x[:, 0] = self.bos_id
         x[:, 1] = torch.multinomial(self._first.expand(batch, -1), 1, generator=generator)[:, 0]
-        for t in range(2, self.seq_length + 1):
+        last = self.stats.n_chars - 1
+        for t in range(2, n):
             prev = x[:, t - 1]
-            bigram = torch.multinomial(self._cond[prev], 1, generator=generator)[:, 0]
+            bigram = torch.searchsorted(self._cdf[prev], u[t], right=True)[:, 0].clamp_max(last)
             x[:, t] = torch.where(self._is_trigger[prev], x[:, t - 2], bigram)
         return x
 
     def bigram_entropy(self) -> torch.Tensor:
-        """Entropy (nats) of each bigram row ``[V]``: the optimal loss at a non-trigger query holding that token."""
+        """Entropy (nats) of each bigram row: the optimal loss at a non-trigger query holding that token.
+
+        ``[vocab_size]``; NaN for BOS and the delimiter (never non-trigger queries)."""
         c = self._cond
-        return -(c * torch.where(c > 0, c.log(), torch.zeros_like(c))).sum(1)
+        h = -(c * torch.where(c > 0, c.log(), torch.zeros_like(c))).sum(1)
+        return torch.cat([h, torch.full((2,), float("nan"), dtype=h.dtype)])
 
     def describe(self) -> dict:
         return {"n_chars": self.stats.n_chars, "vocab_size": self.vocab_size, "k": self.k,
@@ -224,9 +235,27 @@ def build_model(cfg: BBConfig, vocab_size: int, bos_id: int):
                         tie_word_embeddings=False, bos_token_id=bos_id, eos_token_id=None, pad_token_id=bos_id)
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(config)
+    _torch_default_init(model)
     _freeze_biases(model)
     model.config._attn_implementation = RELU_ATTENTION if cfg.attention == "relu" else "eager"
     return model
+
+
+def _torch_default_init(model) -> None:
+    """Re-initialise like a plain PyTorch model (INFERRED: the official BBM model is built from ``nn.Linear`` /
+    ``nn.Embedding``): embeddings N(0, 1), projections U(-1/sqrt(fan_in), 1/sqrt(fan_in)), LayerNorm weights 1.
+    GPT-2's own init (N(0, 0.02)) gave a weaker sink in our runs."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Embedding):
+                mod.weight.normal_(0.0, 1.0)
+            elif isinstance(mod, (Conv1D, torch.nn.Linear)):
+                fan_in = mod.weight.shape[0] if isinstance(mod, Conv1D) else mod.weight.shape[1]
+                mod.weight.uniform_(-fan_in ** -0.5, fan_in ** -0.5)
+            elif isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.fill_(1.0)
 
 
 def _freeze_biases(model) -> None:
@@ -325,7 +354,7 @@ def bb_metrics(handle, gen: BBGenerator, n_seqs: int = 256, seed: int = 12345) -
     try:
         with capture(handle, ["blocks.*.attn.pattern", "blocks.*.attn.v", "blocks.*.resid_post"],
                      to="cpu", dtype=torch.float32) as cache:
-            logits = handle.run(inp, add_bos=False).logits.float()
+            logits = handle.run(inp, add_bos=None).logits.float()
     finally:
         handle.hf_model.train(was_training)
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none").cpu()

@@ -31,6 +31,12 @@ class Batch:
     def lengths(self) -> torch.Tensor:
         return self.attention_mask.sum(1)
 
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """Positions counted from each row's first real token (0 on padding), as HF's ``generate`` does, so a
+        left-padded row gets the same positions (RoPE / learned) as the prompt run alone."""
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
 
 @dataclass
 class RunOutput:

@@ -235,3 +235,14 @@ def test_bos_is_explicit(tiny_llama):
     assert h.tokenize("hello", add_bos=True).input_ids[0, 0] == bos
     twice = h.tokenize(h.tokenize("hello", add_bos=True).input_ids, add_bos=True).input_ids
     assert (twice == bos).sum() == 1
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_left_padded_batch_equals_one_prompt_at_a_time(fixture, request):
+    h = request.getfixturevalue(fixture)
+    with hl.capture(h, "blocks.3.resid_post", positions="last") as batched:
+        h.run(PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        with hl.capture(h, "blocks.3.resid_post", positions="last") as alone:
+            h.run([p])
+        assert torch.allclose(batched["blocks.3.resid_post"][i], alone["blocks.3.resid_post"][0], atol=1e-5)
