@@ -324,14 +324,6 @@ def as_handle(model, tokenizer, spec: str = KIND):
     return ModelHandle(model, tokenizer, discover_adapter(model), spec, info={"spec": spec})
 
 
-def _o_proj_matrix(handle, layer: int) -> torch.Tensor:
-    """Head output projection as ``[d_model, n_heads * head_dim]`` (Conv1D weights are stored transposed)."""
-    from transformers.pytorch_utils import Conv1D
-
-    mod = handle.adapter.sub(handle.hf_model, layer, handle.adapter.o_path)
-    return mod.weight.T if isinstance(mod, Conv1D) else mod.weight
-
-
 @torch.no_grad()
 def bb_metrics(handle, gen: BBGenerator, n_seqs: int = 256, seed: int = 12345) -> dict:
     """Sink metrics of a BB model on fresh sequences, per layer (head 0), through ``hiddenlens.capture``.
@@ -344,6 +336,7 @@ def bb_metrics(handle, gen: BBGenerator, n_seqs: int = 256, seed: int = 12345) -
     the other positions), ``resid_ratio_mean`` / ``resid_ratio_max`` (block output norm at BOS over the mean / max
     of the others).
     """
+    from hiddenlens.analyses.sinks import head_value_norms, o_proj_matrix
     from hiddenlens.probes.capture import capture
 
     g = torch.Generator().manual_seed(seed)
@@ -374,9 +367,8 @@ def bb_metrics(handle, gen: BBGenerator, n_seqs: int = 256, seed: int = 12345) -
         prev = torch.zeros_like(to_bos)
         prev[:, 1:] = a[:, rows[1:], rows[1:] - 1]
         total = a.sum(-1)
-        v = cache[f"blocks.{layer}.attn.v"][:, 0]                                    # [n, pos, head_dim]
-        w_o = _o_proj_matrix(handle, layer).detach().float().cpu()
-        vnorm = (v @ w_o.T).norm(dim=-1)                                             # [n, pos]
+        vnorm = head_value_norms(cache[f"blocks.{layer}.attn.v"], o_proj_matrix(handle, layer).cpu(),
+                                 handle.adapter.n_heads)[:, 0]                       # [n, pos]
         r = cache[f"blocks.{layer}.resid_post"].norm(dim=-1)                         # [n, pos]
         out["layers"].append({
             "layer": layer,
@@ -463,7 +455,8 @@ def train(cfg: BBConfig, out_dir: str | Path | None = None, stats: BBStatistics 
     checkpoint(0)
     for step in steps:
         x = gen.sample(cfg.batch_size, data_rng)
-        logits = model(input_ids=x[:, :-1], use_cache=False).logits
+        inp = x[:, :-1]
+        logits = model(input_ids=inp, attention_mask=torch.ones_like(inp), use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"BB training diverged at step {step} (loss {float(loss)}); lower lr={cfg.lr}")

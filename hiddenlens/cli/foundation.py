@@ -100,7 +100,7 @@ def demo(model: str = typer.Option("smollm2-135m-instruct"),
 @bench_app.command("store")
 def bench_store(model: str = typer.Option("smollm2-135m-instruct"), prompts: int = typer.Option(2000),
                 out: Path = typer.Option(Path("runs/bench-store"), help="folder for the JSON result and the store"),
-                sites: str = typer.Option("blocks.*.resid_post")) -> None:
+                sites: str = typer.Option("blocks.12.resid_post,blocks.24.resid_post")) -> None:
     """Peak RSS while streaming PROMPTS prompts to disk: bounded, independent of the number of prompts."""
     from hiddenlens.benchmarks.store import run_store_benchmark
 

@@ -1,0 +1,460 @@
+"""The regime experiment of Intention Collapse (methods.md section 1): direct vs chain-of-thought vs babble.
+
+For every problem and regime the prompt goes through the model's chat template (optionally after ``shots``
+worked examples as earlier user/assistant turns), then:
+
+1. one forward pass over the prompt records H_int (entropy of the first-token distribution, top-100 as in the
+   authors' code and full-vocabulary as in the paper) and the *intention state*: ``resid_post`` at the last
+   prompt position of the chosen layers (default: the last 5 blocks, like the code's ``extraction_layers``);
+2. greedy batched generation produces the answer, which is parsed and scored against the exact answer;
+3. optionally (``post_collapse=True``, the v1 pilot's variant) the state at the final decoding step is kept too.
+
+Per regime: accuracy (Wilson 95 % CI), mean H_int (bootstrap 95 % CI), dim_eff per layer and aggregate, and
+Recov: a probe predicting correctness from the intention states (AUROC, bootstrap CI, shuffle control).
+:func:`write_regime_report` writes the report folder with the paper's headline table beside ours.
+
+Prompts: the direct and CoT wordings are the authors' code's; the babble wording is INFERRED (methods.md gives
+only "write a long stream of consciousness ... Do NOT solve ...").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hiddenlens.probes.capture import capture
+
+from .arithmetic import Problem, few_shot_examples, is_correct, parse_answer
+from .intention import (global_threshold_dimensionality, intention_entropy, layered_dimensionality,
+                        recoverability)
+
+PROMPTS = {
+    "direct": "Solve this math problem. Give only the final numerical answer.\n\nProblem: {q}\nAnswer:",
+    "cot": ("Solve this math problem step by step. Show your reasoning, then give the final answer after ####.\n\n"
+            "Problem: {q}\nSolution:"),
+    "babble": ("Read this math problem, then write a long stream of consciousness about anything it brings to "
+               "mind. Do NOT solve the problem and do not give any number as an answer.\n\nProblem: {q}\n"),
+}
+REGIMES = tuple(PROMPTS)
+#: Generation budgets (new tokens). The paper uses 50 / 512 / 512; these CPU-sized defaults are smaller.
+MAX_NEW_TOKENS = {"direct": 16, "cot": 96, "babble": 64}
+#: How each regime's answer is read: direct answers are the first number, worked solutions the last.
+PARSE_MODE = {"direct": "first", "cot": "last", "babble": "last"}
+_BABBLE_SHOT = ("This makes me think of a quiet afternoon, the smell of paper, a window with rain on it, the "
+                "way people collect small things and lose them again, and how lists never quite end.")
+
+#: The paper's headline numbers (Mistral-7B-Instruct-v0.3 4-bit, GSM8K n = 200; methods.md 1.5).
+PAPER_TABLE = pd.DataFrame([
+    {"source": "paper v1 (pilot code)", "regime": "direct", "accuracy": 0.055, "h_int_bits": 1.42, "auroc": 0.56,
+     "auroc_ci": "includes 0.5"},
+    {"source": "paper v1 (pilot code)", "regime": "cot", "accuracy": 0.53, "h_int_bits": 0.37, "auroc": 0.65,
+     "auroc_ci": "[0.57, 0.72]"},
+    {"source": "paper v2 Table 6", "regime": "direct", "accuracy": 0.11, "h_int_bits": 2.39, "auroc": float("nan"),
+     "auroc_ci": ""},
+    {"source": "paper v2 Table 6", "regime": "cot", "accuracy": 0.50, "h_int_bits": 0.37, "auroc": 0.56,
+     "auroc_ci": "[0.49, 0.64]"},
+])
+
+
+def build_messages(problem: Problem, regime: str, shots: list[Problem] = ()) -> list[dict]:
+    """Chat messages for one item: ``shots`` worked examples as earlier turns, then the question."""
+    if regime not in PROMPTS:
+        raise ValueError(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")
+    messages = []
+    for ex in shots:
+        reply = {"direct": str(ex.answer), "cot": ex.solution, "babble": _BABBLE_SHOT}[regime]
+        messages += [{"role": "user", "content": PROMPTS[regime].format(q=ex.question)},
+                     {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": PROMPTS[regime].format(q=problem.question)})
+    return messages
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, ending with the assistant header."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template; the regime experiment needs a chat model")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def default_layers(n_layers: int, k: int = 5) -> list[int]:
+    """The last ``k`` blocks (the code's ``extraction_layers``: 27-31 of 32)."""
+    return list(range(max(0, n_layers - k), n_layers))
+
+
+def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def intention_pass(handle, prompts: list[list[int]], layers: list[int], batch_size: int = 8, top_k: int = 100,
+                   progress: bool = False) -> dict[str, np.ndarray]:
+    """One forward pass per batch over the prompts (no generation).
+
+    Returns ``h_int`` ``[n]`` (bits, top-``top_k``), ``h_int_full`` ``[n]`` (bits, full vocabulary) and
+    ``states`` ``[n, len(layers), d_model]`` (float32: ``resid_post`` at the last prompt position).
+    """
+    from tqdm.auto import tqdm
+
+    n = len(prompts)
+    sites = [f"blocks.{layer}.resid_post" for layer in layers]
+    h_top, h_full = np.zeros(n), np.zeros(n)
+    states = np.zeros((n, len(layers), handle.adapter.d_model), np.float32)
+    for rows in tqdm(_length_batches([len(p) for p in prompts], batch_size), desc="intention pass",
+                     disable=not progress, unit="batch"):
+        with capture(handle, sites, positions="last", to="cpu") as cache:
+            out = handle.run([prompts[i] for i in rows], logits_to_keep=1)
+        last = out.logits[:, -1].float()
+        h_top[rows] = intention_entropy(last, top_k=top_k).numpy()
+        h_full[rows] = intention_entropy(last, top_k=None).numpy()
+        states[rows] = torch.stack([cache[s][:, -1] for s in sites], 1).float().numpy()
+    return {"h_int": h_top, "h_int_full": h_full, "states": states}
+
+
+def _eos_ids(handle) -> set[int]:
+    eos = handle.hf_model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if handle.tokenizer.eos_token_id is not None:
+        ids.add(handle.tokenizer.eos_token_id)
+    return ids
+
+
+def generate_with_intention(handle, prompts: list[list[int]], layers: list[int], max_new_tokens: int,
+                            batch_size: int = 8, post_collapse: bool = False, top_k: int = 100,
+                            progress: bool = False) -> dict:
+    """Greedy batched generation that also records the intention measures (batches of similar prompt length).
+
+    One capture (``positions="last"``) per batch keeps ``resid_post`` of ``layers`` and the logits at the last
+    position of every forward: the prefill's entry is the pre-collapse state and the first-token distribution
+    (the same numbers as a separate forward pass, which :func:`intention_pass` computes; the prefill reuses it
+    instead of paying for the prompt twice).
+
+    Returns ``h_int`` / ``h_int_full`` ``[n]`` (bits), ``states`` ``[n, len(layers), d_model]``, ``texts``
+    (decoded new tokens), ``n_new`` (new tokens up to and including the first EOS) and, with ``post_collapse``,
+    ``post_states`` ``[n, len(layers), d_model]``: the state at the decoding step that produced the item's last
+    token (the v1 pilot's post-collapse state).
+    """
+    from tqdm.auto import tqdm
+
+    n, d = len(prompts), handle.adapter.d_model
+    texts: list[str] = [""] * n
+    n_new = np.zeros(n, dtype=int)
+    h_top, h_full = np.zeros(n), np.zeros(n)
+    states = np.zeros((n, len(layers), d), np.float32)
+    post = np.zeros((n, len(layers), d), np.float32) if post_collapse else None
+    eos = _eos_ids(handle)
+    sites = [f"blocks.{layer}.resid_post" for layer in layers]
+
+    def entropies(name, t):  # keep only H_int of each forward's last-position logits, not [batch, vocab]
+        if name != "logits":
+            return t
+        last = t[:, -1].float()
+        return torch.stack([intention_entropy(last, top_k), intention_entropy(last, None)], -1)
+
+    for rows in tqdm(_length_batches([len(p) for p in prompts], batch_size),
+                     desc=f"generate (<= {max_new_tokens} tokens)", disable=not progress, unit="batch"):
+        with capture(handle, sites + ["logits"], positions="last", reduce=entropies, to="cpu") as cache:
+            gen = handle.generate([prompts[i] for i in rows], max_new_tokens=max_new_tokens)
+        first = cache.chunks("logits")[0].value
+        h_top[rows], h_full[rows] = first[:, 0].numpy(), first[:, 1].numpy()
+        per_step = torch.stack([torch.cat([c.value for c in cache.chunks(s)], 1) for s in sites], 2)  # [b, step, L, d]
+        states[rows] = per_step[:, 0].float().numpy()
+        new = gen.new_tokens.cpu()
+        for j, i in enumerate(rows):
+            toks = new[j].tolist()
+            stop = next((k for k, t in enumerate(toks) if t in eos), None)
+            n_new[i] = len(toks) if stop is None else stop + 1
+            texts[i] = handle.decode(toks[: n_new[i]])
+            if post is not None:
+                post[i] = per_step[j, min(n_new[i], per_step.shape[1]) - 1].float().numpy()
+    return {"h_int": h_top, "h_int_full": h_full, "states": states, "texts": texts, "n_new": n_new,
+            "post_states": post}
+
+
+def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``k / n``."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean_ci(values, n_boot: int = 1000, seed: int = 42) -> tuple[float, float]:
+    """Percentile 95 % CI of the mean over ``n_boot`` resamples."""
+    v = np.asarray(values, np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    means = v[idx].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+@dataclass
+class RegimeResults:
+    """Everything the experiment produced.
+
+    ``items``: one row per (regime, item); ``regimes``: one row per regime; ``dims``: dim_eff per (regime,
+    layer); ``states[regime]``: ``[n, layers, d_model]`` pre-collapse states; ``post_states`` likewise (v1).
+    """
+
+    items: pd.DataFrame
+    regimes: pd.DataFrame
+    dims: pd.DataFrame
+    states: dict[str, np.ndarray]
+    post_states: dict[str, np.ndarray] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+
+def _recov_row(states: np.ndarray, correct: np.ndarray, n_boot: int, seed: int, prefix: str = "recov") -> dict:
+    try:
+        r = recoverability(states, correct, protocol="cv5", n_boot=n_boot, seed=seed)
+    except ValueError as exc:
+        return {f"{prefix}_auroc": float("nan"), f"{prefix}_ci_low": float("nan"),
+                f"{prefix}_ci_high": float("nan"), f"{prefix}_shuffled": float("nan"), f"{prefix}_note": str(exc)}
+    return {f"{prefix}_auroc": r.auroc, f"{prefix}_ci_low": r.ci_low, f"{prefix}_ci_high": r.ci_high,
+            f"{prefix}_shuffled": r.shuffled_auroc, f"{prefix}_note": f"{r.n_splits}-fold CV"}
+
+
+def run_regimes(handle, problems: list[Problem], regimes=REGIMES, shots: int = 0, layers: list[int] | None = None,
+                batch_size: int = 8, max_new_tokens: dict | None = None, post_collapse: bool = False,
+                n_boot: int = 1000, seed: int = 42, progress: bool = True, on_regime=None) -> RegimeResults:
+    """Run every regime over ``problems`` and compute the per-item and per-regime metrics.
+
+    Args:
+        handle: a chat model's :class:`~hiddenlens.models.ModelHandle`.
+        problems: from :func:`hiddenlens.analyses.arithmetic.make_problems` (or GSM8K).
+        regimes: any of ``direct``, ``cot``, ``babble``.
+        shots: worked examples before each question (0 = zero-shot, the paper's setting).
+        layers: blocks whose ``resid_post`` forms the intention state (default: the last 5).
+        max_new_tokens: per-regime overrides of :data:`MAX_NEW_TOKENS`.
+        post_collapse: also keep the v1 post-collapse state (final decoding step) and its dim_eff / Recov.
+        on_regime: called with the partial :class:`RegimeResults` after each regime (e.g. to write the report
+            progressively, so a long run that is stopped still leaves the finished regimes on disk).
+    """
+    if not problems:
+        raise ValueError("no problems given")
+    n_layers = handle.adapter.n_layers
+    layers = default_layers(n_layers) if layers is None else list(layers)
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} out of range: this model has {n_layers} blocks (0-{n_layers - 1})")
+    budgets = {**MAX_NEW_TOKENS, **(max_new_tokens or {})}
+    examples = few_shot_examples(shots)
+    item_rows, regime_rows, dim_rows = [], [], []
+    states, post_states = {}, {}
+    config = {"model": handle.spec, "n": len(problems), "regimes": list(regimes), "shots": shots, "layers": layers,
+              "batch_size": batch_size, "max_new_tokens": {r: budgets[r] for r in regimes},
+              "post_collapse": post_collapse, "n_boot": n_boot, "seed": seed, "decoding": "greedy",
+              "h_int": "top-100 renormalised (authors' code); h_int_full: full vocabulary (paper Eq. 2)",
+              "recoverability": "cv5: StratifiedKFold(5), C=1, out-of-fold AUROC, 1000-resample bootstrap CI"}
+    for regime in regimes:
+        prompts = [chat_prompt_ids(handle.tokenizer, build_messages(p, regime, examples)) for p in problems]
+        gen = generate_with_intention(handle, prompts, layers, budgets[regime], batch_size, post_collapse,
+                                      progress=progress)
+        correct = np.array([is_correct(t, p.answer, PARSE_MODE[regime]) for t, p in zip(gen["texts"], problems)])
+        for p, text, k, c, h, hf, plen in zip(problems, gen["texts"], gen["n_new"], correct, gen["h_int"],
+                                             gen["h_int_full"], map(len, prompts)):
+            item_rows.append({"regime": regime, "item": p.id, "level": p.level, "question": p.question,
+                              "answer": p.answer, "output": text, "parsed": parse_answer(text, PARSE_MODE[regime]),
+                              "correct": bool(c), "h_int_bits": float(h), "h_int_full_bits": float(hf),
+                              "prompt_tokens": plen, "new_tokens": int(k)})
+        states[regime] = gen["states"]
+        dims = layered_dimensionality({layer: gen["states"][:, j] for j, layer in enumerate(layers)})
+        dims90 = layered_dimensionality({layer: gen["states"][:, j] for j, layer in enumerate(layers)},
+                                        method="threshold")
+        for (_, r), (_, r90) in zip(dims.table.iterrows(), dims90.table.iterrows()):
+            dim_rows.append({"regime": regime, "state": "pre", "layer": int(r["layer"]),
+                             "participation_ratio": r["dim_eff"], "threshold90": r90["dim_eff"],
+                             "trace": r["trace"], "weight": r["weight"]})
+        n, k = len(problems), int(correct.sum())
+        lo, hi = wilson_ci(k, n)
+        h_lo, h_hi = bootstrap_mean_ci(gen["h_int"], n_boot, seed)
+        row = {"regime": regime, "shots": shots, "n": n, "correct": k, "accuracy": k / n, "accuracy_ci_low": lo,
+               "accuracy_ci_high": hi, "h_int_bits": float(gen["h_int"].mean()), "h_int_ci_low": h_lo,
+               "h_int_ci_high": h_hi, "h_int_full_bits": float(gen["h_int_full"].mean()),
+               "dim_eff_pr_agg": dims.aggregate, "dim_eff_90_global": global_threshold_dimensionality(
+                   {layer: gen["states"][:, j] for j, layer in enumerate(layers)}),
+               "mean_new_tokens": float(gen["n_new"].mean())}
+        row |= _recov_row(gen["states"], correct, n_boot, seed)
+        if post_collapse:
+            post_states[regime] = gen["post_states"]
+            pdims = layered_dimensionality({layer: gen["post_states"][:, j] for j, layer in enumerate(layers)})
+            for _, r in pdims.table.iterrows():
+                dim_rows.append({"regime": regime, "state": "post", "layer": int(r["layer"]),
+                                 "participation_ratio": r["dim_eff"], "threshold90": float("nan"),
+                                 "trace": r["trace"], "weight": r["weight"]})
+            row["post_dim_eff_pr_agg"] = pdims.aggregate
+            row |= _recov_row(gen["post_states"], correct, n_boot, seed, prefix="post_recov")
+        regime_rows.append(row)
+        if on_regime is not None:
+            on_regime(_results(item_rows, regime_rows, dim_rows, states, post_states, config))
+    return _results(item_rows, regime_rows, dim_rows, states, post_states, config)
+
+
+def _results(item_rows, regime_rows, dim_rows, states, post_states, config) -> RegimeResults:
+    return RegimeResults(pd.DataFrame(item_rows), pd.DataFrame(regime_rows), pd.DataFrame(dim_rows), states,
+                         post_states, config)
+
+
+def paired_differences(items: pd.DataFrame, baseline: str = "direct", n_boot: int = 1000,
+                       seed: int = 42) -> pd.DataFrame:
+    """Each regime minus ``baseline`` on the same items: accuracy and H_int differences with paired-bootstrap
+    95 % CIs (items resampled jointly). One row per other regime; empty if ``baseline`` was not run."""
+    if baseline not in set(items["regime"]):
+        return pd.DataFrame()
+    base = items[items["regime"] == baseline].set_index("item")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for regime, part in items[items["regime"] != baseline].groupby("regime", sort=False):
+        part = part.set_index("item").loc[base.index]
+        d_acc = part["correct"].to_numpy(float) - base["correct"].to_numpy(float)
+        d_h = part["h_int_bits"].to_numpy() - base["h_int_bits"].to_numpy()
+        idx = rng.integers(0, len(d_acc), size=(n_boot, len(d_acc)))
+        row = {"regime": regime, "baseline": baseline, "n": len(d_acc)}
+        for name, d in (("accuracy", d_acc), ("h_int_bits", d_h)):
+            boots = d[idx].mean(1)
+            row |= {f"d_{name}": float(d.mean()), f"d_{name}_ci_low": float(np.quantile(boots, 0.025)),
+                    f"d_{name}_ci_high": float(np.quantile(boots, 0.975))}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_regime_results(path) -> RegimeResults:
+    """Read a report folder written by :func:`write_regime_report` back (tables and config; no states)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not (path / "summary.json").is_file():
+        raise FileNotFoundError(f"{path} holds no summary.json; is it a regime report folder?")
+    config = json.loads((path / "summary.json").read_text())["config"]
+    tables = {name: pd.read_parquet(path / f"{name}.parquet") for name in ("items", "regimes", "dims")}
+    return RegimeResults(tables["items"], tables["regimes"], tables["dims"], {}, {}, config)
+
+
+def _figures(results: RegimeResults, folder) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reg = results.regimes
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    x = np.arange(len(reg))
+    panels = ((axes[0], "accuracy", "accuracy", "accuracy"), (axes[1], "h_int_bits", "h_int", "H_int (bits, top-100)"),
+              (axes[2], "recov_auroc", "recov", "Recov AUROC (correctness)"))
+    for ax, col, ci, label in panels:
+        lo, hi = reg[f"{ci}_ci_low"], reg[f"{ci}_ci_high"]
+        err = np.vstack([reg[col] - lo, hi - reg[col]]).clip(min=0)
+        ax.bar(x, reg[col], yerr=np.nan_to_num(err), capsize=4, color=["#4c72b0", "#dd8452", "#55a868"][: len(x)])
+        ax.set_xticks(x, reg["regime"])
+        ax.set_title(label)
+        if col == "recov_auroc":
+            ax.axhline(0.5, color="grey", lw=1, ls="--")
+            ax.set_ylim(0, 1)
+    fig.suptitle(f"{results.config['model']}: n = {results.config['n']}, {results.config['shots']}-shot, 95 % CIs")
+    folder.figure("regimes", fig)
+
+    dims = results.dims[results.dims["state"] == "pre"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for regime, df in dims.groupby("regime", sort=False):
+        ax.plot(df["layer"], df["participation_ratio"], marker="o", label=regime)
+    ax.set_xlabel("layer (resid_post, last prompt position)")
+    ax.set_ylabel("participation ratio")
+    ax.legend()
+    folder.figure("dim_eff_by_layer", fig)
+
+    items = results.items
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for regime, df in items.groupby("regime", sort=False):
+        ax.hist(df["h_int_bits"], bins=20, alpha=0.5, label=regime)
+    ax.set_xlabel("H_int (bits, top-100)")
+    ax.set_ylabel("items")
+    ax.legend()
+    folder.figure("h_int_hist", fig)
+
+
+def regime_markdown(results: RegimeResults) -> str:
+    """The report's Markdown: our per-regime table beside the paper's headline table."""
+    from .report import markdown_table
+
+    cfg, reg = results.config, results.regimes.copy()
+    ours = pd.DataFrame({
+        "regime": reg["regime"],
+        "accuracy [95% CI]": [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
+                              zip(reg["accuracy"], reg["accuracy_ci_low"], reg["accuracy_ci_high"])],
+        "H_int top-100 bits [95% CI]": [f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
+                                        zip(reg["h_int_bits"], reg["h_int_ci_low"], reg["h_int_ci_high"])],
+        "H_int full-vocab bits": reg["h_int_full_bits"].round(2),
+        "dim_eff PR (agg)": reg["dim_eff_pr_agg"].round(2),
+        "dim_eff 90% (global, v1)": reg["dim_eff_90_global"],
+        "Recov AUROC [95% CI] (shuffled)": [
+            f"{a:.3f} [{lo:.3f}, {hi:.3f}] ({s:.3f})" if not math.isnan(a) else f"n/a: {note}"
+            for a, lo, hi, s, note in zip(reg["recov_auroc"], reg["recov_ci_low"], reg["recov_ci_high"],
+                                          reg["recov_shuffled"], reg["recov_note"])],
+        "mean new tokens": reg["mean_new_tokens"].round(1),
+    })
+    lines = [
+        "# Intention Collapse regime experiment", "",
+        f"Model `{cfg['model']}`, {cfg['n']} project-made arithmetic word problems (seeded, exact answers), "
+        f"{cfg['shots']}-shot prompts through the chat template, greedy decoding, new-token budgets "
+        f"{cfg['max_new_tokens']}. Intention state: `resid_post` at the last prompt position of blocks "
+        f"{cfg['layers']}. H_int: {cfg['h_int']}. Recov: {cfg['recoverability']}.", "",
+        "## Ours", "", markdown_table(ours), "",
+        "## Direction of effect (paired over the same items, bootstrap 95 % CI)", "",
+        _paired_text(results), "",
+        "## The paper's headline table (Mistral-7B-Instruct-v0.3 4-bit, GSM8K n = 200)", "",
+        markdown_table(PAPER_TABLE.fillna("")), "",
+        f"Differences that matter when comparing: `{cfg['model']}` instead of a 7B model, easier project-made "
+        "problems instead of GSM8K, shorter generation budgets (CPU), and (unless shots = 0) worked examples in "
+        "the prompt. The paper's v1 dim_eff and probe used post-collapse states (see `post_collapse`).", "",
+        "![regimes](regimes.png)", "", "![dim_eff by layer](dim_eff_by_layer.png)", "", "![H_int](h_int_hist.png)",
+        "",
+    ]
+    if "post_dim_eff_pr_agg" in reg:
+        lines += ["## v1 post-collapse variant", "",
+                  markdown_table(reg[["regime", "post_dim_eff_pr_agg", "post_recov_auroc", "post_recov_ci_low",
+                                      "post_recov_ci_high", "post_recov_shuffled"]]), ""]
+    return "\n".join(lines)
+
+
+def _paired_text(results: RegimeResults) -> str:
+    from .report import markdown_table
+
+    diff = paired_differences(results.items, n_boot=results.config.get("n_boot", 1000),
+                              seed=results.config.get("seed", 42))
+    if diff.empty:
+        return "(needs the direct regime and at least one other)"
+    return markdown_table(pd.DataFrame({
+        "regime - direct": diff["regime"],
+        "accuracy difference [95% CI]": [f"{a:+.3f} [{lo:+.3f}, {hi:+.3f}]" for a, lo, hi in
+                                         zip(diff["d_accuracy"], diff["d_accuracy_ci_low"],
+                                             diff["d_accuracy_ci_high"])],
+        "H_int difference, bits [95% CI]": [f"{a:+.2f} [{lo:+.2f}, {hi:+.2f}]" for a, lo, hi in
+                                            zip(diff["d_h_int_bits"], diff["d_h_int_bits_ci_low"],
+                                                diff["d_h_int_bits_ci_high"])]}))
+
+
+def write_regime_report(results: RegimeResults, out_dir, example_outputs: int = 3):
+    """Write the report folder: ``items`` / ``regimes`` / ``dims`` tables (Parquet + CSV), ``summary.json``,
+    ``regimes.png``, ``dim_eff_by_layer.png``, ``h_int_hist.png`` and ``report.md``. Returns the
+    :class:`~hiddenlens.analyses.report.ReportFolder`."""
+    from .report import ReportFolder
+
+    folder = ReportFolder(out_dir)
+    folder.table("items", results.items)
+    folder.table("regimes", results.regimes)
+    folder.table("dims", results.dims)
+    _figures(results, folder)
+    text = regime_markdown(results)
+    samples = results.items.groupby("regime", sort=False).head(example_outputs)
+    text += "\n## Example outputs\n\n" + "\n".join(
+        f"- **{r.regime}** (answer {r.answer}, parsed {r.parsed}, correct {r.correct}): "
+        f"`{r.output.strip()[:160].replace('`', chr(39)).replace(chr(10), ' / ')}`" for r in samples.itertuples())
+    folder.markdown(text + "\n")
+    folder.summary({"config": results.config, "regimes": results.regimes.to_dict(orient="records"),
+                    "paper": PAPER_TABLE.to_dict(orient="records")})
+    return folder

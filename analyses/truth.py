@@ -1,0 +1,546 @@
+"""Truthful directions (``hiddenlens.analyses.truth``): ITI, RepE and mass-mean baselines, per layer and per head.
+
+Activations are taken at the **last token** of each statement (the final "."), on the residual stream
+(``blocks.{l}.resid_post``, ``[d_model]``) and per head on the attention output before the output projection
+(``blocks.{l}.attn.z``, ``[head_dim]``; ITI's "head-wise" activations). Methods (methods.md sections 3, 6):
+
+``mass_mean``  theta = mean(h | true) - mean(h | false)                       (ITI's released setting)
+``probe``      the coefficient of a logistic regression (``C=1``, ``max_iter=1000``) fitted on train
+``repe``       first principal component of recentred paired differences, pairs in random order, sign set so the
+               true member projects higher in most pairs (RepE's ``PCARepReader``, ``n_difference=1``)
+
+Every direction is stored as a unit vector ``u`` plus ``sigma = std(h . u)`` over the training statements of both
+classes (pooled, so the between-class spread is included; ITI's std of projections), and a 1-D logistic detector
+``p_true = sigmoid(a * (h . u) + b)`` fitted on the training projections, used for accuracy and for the per-token
+detector of conditional steering. Held-out AUROC and accuracy are computed on a split whose entities never occur
+in training (see :mod:`hiddenlens.analyses.truth_data`).
+
+ComnHallu-style transfer (:func:`subspace_transfer`) is **INFERRED** (the paper's formula was not readable):
+per-source PCA subspaces aligned by orthogonal Procrustes on paired inputs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from hiddenlens.probes.atomic import atomic_path, write_json
+
+METHODS = ("mass_mean", "probe", "repe")
+SITE_OF = {"resid": "resid_post", "heads": "attn.z"}
+
+
+# ---- activations -----------------------------------------------------------------------------------------
+def extract_last_token(handle, texts, layers=None, heads: bool = False, batch_size: int = 32,
+                       progress: bool = False) -> dict[str, torch.Tensor]:
+    """Last-token activations of ``texts``, batched by length without the LM head.
+
+    Returns ``{"resid": [n, L, d_model]}`` and, with ``heads=True``, ``{"heads": [n, L, n_heads, head_dim]}``
+    (float32, CPU), where ``L = len(layers)`` (all layers by default) in the order given.
+    """
+    from hiddenlens.probes.capture import capture
+
+    layers = _check_layers(handle, layers)
+    if len(texts) == 0:
+        raise ValueError("no texts given")
+    sites = [f"blocks.{i}.resid_post" for i in layers] + ([f"blocks.{i}.attn.z" for i in layers] if heads else [])
+    with capture(handle, sites, positions="last", to="cpu") as cache:
+        handle.run(list(texts), batch_size=batch_size, logits=False, sort_by_length=True, progress=progress)
+    out = {"resid": torch.stack([cache[f"blocks.{i}.resid_post"][:, -1] for i in layers], 1).float()}
+    if heads:
+        out["heads"] = torch.stack([cache[f"blocks.{i}.attn.z"][:, :, -1] for i in layers], 1).float()
+    return out
+
+
+def _check_layers(handle, layers) -> list[int]:
+    n = handle.adapter.n_layers
+    layers = list(range(n)) if layers is None else [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} out of range: this model has layers 0..{n - 1}")
+    return layers
+
+
+# ---- direction fitting (numpy, float64) -------------------------------------------------------------------
+def _xy(X, y) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X.detach().cpu() if isinstance(X, torch.Tensor) else X, dtype=np.float64)
+    y = np.asarray(y).astype(int).reshape(-1)
+    if X.ndim != 2 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"expected X [n, d] and y [n]; got X {X.shape}, y {y.shape}")
+    if not np.isfinite(X).all():
+        raise ValueError("activations hold NaN or Inf; re-extract them in float32")
+    if set(np.unique(y)) != {0, 1}:
+        raise ValueError(f"labels must contain both 0 (false) and 1 (true); got {sorted(set(np.unique(y)))}")
+    return X, y
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(v)
+    if not np.isfinite(n) or n == 0:
+        raise ValueError("direction has zero or non-finite norm (are both classes identical?)")
+    return v / n
+
+
+def mass_mean_direction(X, y) -> np.ndarray:
+    """``mean(X | y=1) - mean(X | y=0)``, ``[d]`` (not normalised)."""
+    X, y = _xy(X, y)
+    return X[y == 1].mean(0) - X[y == 0].mean(0)
+
+
+def probe_direction(X, y, C: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Logistic-regression coefficient ``[d]`` (ITI: ``LogisticRegression(max_iter=1000)``)."""
+    X, y = _xy(X, y)
+    return LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(X, y).coef_[0]
+
+
+def repe_direction(X, y, pair_ids, seed: int = 0) -> np.ndarray:
+    """RepE reading vector: first PC of recentred paired differences; sign so the true member projects higher.
+
+    ``pair_ids[i]`` names the contrast pair of row ``i``; each pair needs exactly one true and one false row.
+    Within each pair the order of subtraction is random (seeded), as RepE shuffles its pairs.
+    """
+    X, y = _xy(X, y)
+    pair_ids = np.asarray(pair_ids)
+    t_rows, f_rows = [], []
+    for p in np.unique(pair_ids):
+        rows = np.flatnonzero(pair_ids == p)
+        if len(rows) != 2 or sorted(y[rows]) != [0, 1]:
+            continue
+        t_rows.append(rows[y[rows] == 1][0])
+        f_rows.append(rows[y[rows] == 0][0])
+    if len(t_rows) < 2:
+        raise ValueError("repe needs at least 2 contrast pairs with one true and one false member each")
+    flip = np.random.default_rng(seed).random(len(t_rows)) < 0.5
+    D = X[t_rows] - X[f_rows]
+    D[flip] *= -1
+    D = D - D.mean(0)
+    d = np.linalg.svd(D, full_matrices=False)[2][0]
+    agree = np.mean(X[t_rows] @ d > X[f_rows] @ d)
+    return d if agree >= 0.5 else -d
+
+
+def fit_direction(X, y, method: str, pair_ids=None, seed: int = 0) -> tuple[np.ndarray, float, tuple]:
+    """Fit one direction: ``(unit [d], sigma, (a, b))`` with detector ``p_true = sigmoid(a * (x . u) + b)``."""
+    X, y = _xy(X, y)
+    if method == "mass_mean":
+        v = mass_mean_direction(X, y)
+    elif method == "probe":
+        v = probe_direction(X, y, seed=seed)
+    elif method == "repe":
+        if pair_ids is None:
+            raise ValueError("method='repe' needs pair_ids (the contrast pair of each row)")
+        v = repe_direction(X, y, pair_ids, seed=seed)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    u = unit(v)
+    proj = X @ u
+    return u, float(proj.std()), _detector(proj, y)
+
+
+def _detector(proj: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    scale = proj.std() or 1.0
+    lr = LogisticRegression(C=1e4, max_iter=1000).fit((proj / scale)[:, None], y)
+    return float(lr.coef_[0, 0] / scale), float(lr.intercept_[0])
+
+
+def auroc_accuracy(u: np.ndarray, detector, X, y) -> tuple[float, float]:
+    """Held-out AUROC of ``X . u`` and accuracy of the detector at ``p_true = 0.5``."""
+    X, y = _xy(X, y)
+    proj = X @ u
+    a, b = detector
+    return float(roc_auc_score(y, proj)), float(np.mean((a * proj + b > 0) == (y == 1)))
+
+
+# ---- the direction object --------------------------------------------------------------------------------
+@dataclass
+class Direction:
+    """A truthful direction at one site. ``vector``: unit ``[d]``; ``sigma``: std of projections (units of h).
+
+    ``site`` is ``resid_post`` (``head`` None, d = d_model) or ``attn.z`` (``head`` set, d = head_dim).
+    ``detector = (a, b)``: ``p_true = sigmoid(a * (h . vector) + b)``.
+    """
+
+    vector: torch.Tensor
+    sigma: float
+    layer: int
+    site: str = "resid_post"
+    head: int | None = None
+    method: str = "mass_mean"
+    model: str = ""
+    data_hash: str = ""
+    detector: tuple[float, float] = (1.0, 0.0)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        where = f"L{self.layer}" + (f"H{self.head}" if self.head is not None else "")
+        return f"{self.method}@{where}"
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """``h . vector`` over the last axis (``[..., d]`` -> ``[...]``)."""
+        if h.shape[-1] != self.vector.numel():
+            raise ValueError(f"activation width {h.shape[-1]} does not match direction width {self.vector.numel()}")
+        return h.float() @ self.vector.float().to(h.device)
+
+    def p_true(self, h: torch.Tensor) -> torch.Tensor:
+        a, b = self.detector
+        return torch.sigmoid(a * self.project(h) + b)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path.safetensors`` (the vector) and ``path.json`` (everything else); returns the stem."""
+        from safetensors.torch import save_file
+
+        stem = Path(str(path).removesuffix(".safetensors").removesuffix(".json"))
+        with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+            save_file({"vector": self.vector.detach().float().cpu().contiguous()}, str(tmp))
+        meta = {k: getattr(self, k) for k in ("sigma", "layer", "site", "head", "method", "model", "data_hash",
+                                               "metrics")}
+        meta["detector"] = list(self.detector)
+        write_json(stem.with_suffix(".json"), meta)
+        return stem
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Direction":
+        """Read a direction written by :meth:`save` (``path`` with or without suffix)."""
+        from safetensors.torch import load_file
+
+        stem = Path(str(path).removesuffix(".safetensors").removesuffix(".json"))
+        for p in (stem.with_suffix(".safetensors"), stem.with_suffix(".json")):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} not found: a direction is a .safetensors + .json pair "
+                                        "(write one with `hiddenlens truth directions`)")
+        meta = json.loads(stem.with_suffix(".json").read_text())
+        meta["detector"] = tuple(meta["detector"])
+        return cls(vector=load_file(str(stem.with_suffix(".safetensors")))["vector"], **meta)
+
+
+def save_directions(directions: list[Direction], path: str | Path) -> Path:
+    """Several directions (e.g. ITI's top-K heads) in one ``.safetensors`` + ``.json`` pair."""
+    from safetensors.torch import save_file
+
+    stem = Path(str(path).removesuffix(".safetensors").removesuffix(".json"))
+    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+        save_file({f"vector.{i}": d.vector.detach().float().cpu().contiguous() for i, d in enumerate(directions)},
+                  str(tmp))
+    metas = []
+    for d in directions:
+        m = {k: getattr(d, k) for k in ("sigma", "layer", "site", "head", "method", "model", "data_hash", "metrics")}
+        metas.append(m | {"detector": list(d.detector)})
+    write_json(stem.with_suffix(".json"), {"directions": metas})
+    return stem
+
+
+def load_directions(path: str | Path) -> list[Direction]:
+    """Read a file written by :func:`save_directions` or :meth:`Direction.save` (always returns a list)."""
+    from safetensors.torch import load_file
+
+    stem = Path(str(path).removesuffix(".safetensors").removesuffix(".json"))
+    if not stem.with_suffix(".json").is_file():
+        raise FileNotFoundError(f"{stem}.json not found (write directions with `hiddenlens truth directions`)")
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    if "directions" not in meta:
+        return [Direction.load(stem)]
+    vecs = load_file(str(stem.with_suffix(".safetensors")))
+    return [Direction(vector=vecs[f"vector.{i}"], **(m | {"detector": tuple(m["detector"])}))
+            for i, m in enumerate(meta["directions"])]
+
+
+# ---- sweeps ----------------------------------------------------------------------------------------------
+def layer_sweep(train: torch.Tensor, y_train, test: torch.Tensor, y_test, layers, methods=METHODS,
+                pair_ids=None, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Fit every method at every layer on ``train [n, L, d]``; held-out AUROC/accuracy on ``test [m, L, d]``.
+
+    Returns the table (``layer, method, auroc, accuracy, sigma``) and ``{(method, layer): (u, sigma, det)}``.
+    """
+    rows, fitted = [], {}
+    for j, layer in enumerate(layers):
+        for method in methods:
+            u, sigma, det = fit_direction(train[:, j], y_train, method, pair_ids, seed)
+            auc, acc = auroc_accuracy(u, det, test[:, j], y_test)
+            rows.append(dict(layer=layer, method=method, auroc=auc, accuracy=acc, sigma=sigma))
+            fitted[(method, layer)] = (u, sigma, det)
+    return pd.DataFrame(rows), fitted
+
+
+def head_sweep(train: torch.Tensor, y_train, val: torch.Tensor, y_val, test: torch.Tensor, y_test, layers,
+               seed: int = 0, progress: bool = False) -> pd.DataFrame:
+    """ITI head probing: a logistic regression per (layer, head) on ``train [n, L, H, hd]``, accuracy on val.
+
+    Returns ``layer, head, val_accuracy, test_auroc`` (test AUROC of the probe's decision function).
+    """
+    from tqdm.auto import tqdm
+
+    _, y_train = _xy(train[:, 0, 0], y_train)
+    rows = []
+    cells = [(j, h) for j in range(len(layers)) for h in range(train.shape[2])]
+    for j, h in tqdm(cells, desc="head probes", disable=not progress):
+        lr = LogisticRegression(max_iter=1000, random_state=seed).fit(train[:, j, h].double().numpy(), y_train)
+        val_acc = lr.score(val[:, j, h].double().numpy(), np.asarray(y_val))
+        auc = roc_auc_score(np.asarray(y_test), lr.decision_function(test[:, j, h].double().numpy()))
+        rows.append(dict(layer=layers[j], head=h, val_accuracy=float(val_acc), test_auroc=float(auc)))
+    return pd.DataFrame(rows)
+
+
+def top_k_heads(table: pd.DataFrame, k: int) -> list[tuple[int, int]]:
+    """ITI's selection: the ``k`` heads with the highest validation accuracy (ties by test order, stable)."""
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    best = table.sort_values("val_accuracy", ascending=False, kind="stable").head(k)
+    return [(int(r.layer), int(r.head)) for r in best.itertuples()]
+
+
+def iti_directions(heads_acts: torch.Tensor, y, layers, selected, model: str = "", data_hash: str = "",
+                   table: pd.DataFrame | None = None) -> list[Direction]:
+    """Mass-mean directions for ITI's selected heads, fitted on ``heads_acts [n, L, H, hd]`` (train + val)."""
+    pos = {l: j for j, l in enumerate(layers)}
+    out = []
+    for layer, head in selected:
+        u, sigma, det = fit_direction(heads_acts[:, pos[layer], head], y, "mass_mean")
+        metrics = {}
+        if table is not None:
+            row = table[(table["layer"] == layer) & (table["head"] == head)].iloc[0]
+            metrics = {"val_accuracy": float(row.val_accuracy), "test_auroc": float(row.test_auroc)}
+        out.append(Direction(torch.from_numpy(u).float(), sigma, layer, "attn.z", head, "mass_mean", model,
+                             data_hash, det, metrics))
+    return out
+
+
+def transfer_matrix(acts: dict[str, tuple], layer_index: int, method: str = "mass_mean") -> pd.DataFrame:
+    """Cross-family transfer: fit on each family's train split, held-out AUROC on every family's test split.
+
+    ``acts[family] = (train [n, L, d], y_train, test [m, L, d], y_test, pair_ids_train)``; ``layer_index`` indexes
+    the L axis. Returns ``train_family, test_family, auroc, accuracy``.
+    """
+    rows = []
+    for src, (xtr, ytr, _, _, pid) in acts.items():
+        u, _, det = fit_direction(xtr[:, layer_index], ytr, method, pid)
+        for tgt, (_, _, xte, yte, _) in acts.items():
+            auc, acc = auroc_accuracy(u, det, xte[:, layer_index], yte)
+            rows.append(dict(train_family=src, test_family=tgt, auroc=auc, accuracy=acc))
+    return pd.DataFrame(rows)
+
+
+# ---- per-token scores ------------------------------------------------------------------------------------
+def token_scores(handle, direction: Direction, prompt: str, max_new_tokens: int = 0, add_bos=None) -> pd.DataFrame:
+    """Per-token truthfulness along a (generated) sequence: TruthPrInt's "hidden states as per-token indicators".
+
+    With ``max_new_tokens > 0`` the prompt is first continued greedily. One forward over the whole sequence then
+    reads ``direction``'s site at every position. Returns ``position, token, generated, projection, p_true``
+    (projection in units of h; p_true from the direction's detector).
+    """
+    from hiddenlens.probes.capture import capture
+
+    if direction.site not in SITE_OF.values():
+        raise ValueError(f"direction site {direction.site!r} is not one of {tuple(SITE_OF.values())}")
+    ids = handle.tokenize([prompt], add_bos=add_bos).input_ids
+    n_prompt = ids.shape[1]
+    if max_new_tokens > 0:
+        ids = handle.generate(ids, max_new_tokens=max_new_tokens).sequences
+    site = f"blocks.{direction.layer}.{direction.site}"
+    with capture(handle, [site], to="cpu") as cache:
+        handle.run(ids, logits=False)
+    h = cache[site][0]
+    if direction.head is not None:
+        h = h[direction.head]
+    proj = direction.project(h)
+    toks = [handle.tokenizer.decode([t]) for t in ids[0].tolist()]
+    return pd.DataFrame(dict(position=range(len(toks)), token=toks, generated=[i >= n_prompt for i in
+                                                                             range(len(toks))],
+                             projection=proj.numpy(), p_true=direction.p_true(h).numpy()))
+
+
+# ---- ComnHallu-style subspace transfer (INFERRED) --------------------------------------------------------
+def pca_basis(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[d]`` and top-``k`` principal axes ``[k, d]`` of ``X [n, d]``."""
+    X = np.asarray(X, dtype=np.float64)
+    if not 1 <= k <= min(X.shape):
+        raise ValueError(f"k={k} must be between 1 and min(n, d) = {min(X.shape)}")
+    mean = X.mean(0)
+    return mean, np.linalg.svd(X - mean, full_matrices=False)[2][:k]
+
+
+def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Orthogonal ``R [k, k]`` minimising ``||source @ R - target||_F`` (rows paired)."""
+    if source.shape != target.shape:
+        raise ValueError(f"paired inputs must have the same shape; got {source.shape} and {target.shape}")
+    u, _, vt = np.linalg.svd(source.T @ target)
+    return u @ vt
+
+
+def subspace_transfer(src_train, y_src, tgt_test, y_tgt, src_pair, tgt_pair, k: int = 16,
+                      tgt_fit=None) -> dict:
+    """Transfer a truth probe from a source space to a target space, with and without alignment (INFERRED).
+
+    Our reading of ComnHallu (its formula is NOT FOUND): each source gets its own PCA subspace (``k`` axes,
+    fitted on ``src_train`` and on ``tgt_fit``, default ``tgt_pair``); paired inputs (the same statements in two
+    models, or class-matched statements of two families) give an orthogonal Procrustes map from target to
+    source coordinates; a logistic probe trained on the source coordinates is scored on the target test set
+    mapped by that rotation (``auroc_aligned``) and on raw target coordinates (``auroc_unaligned``).
+    """
+    src_train, _ = _xy(src_train, y_src)
+    tgt_test, y_tgt = _xy(tgt_test, y_tgt)
+    src_pair = np.asarray(src_pair, dtype=np.float64)
+    tgt_pair = np.asarray(tgt_pair, dtype=np.float64)
+    ms, Ps = pca_basis(src_train, k)
+    mt, Pt = pca_basis(tgt_pair if tgt_fit is None else np.asarray(tgt_fit, dtype=np.float64), k)
+    R = procrustes((tgt_pair - mt) @ Pt.T, (src_pair - ms) @ Ps.T)
+    probe = LogisticRegression(max_iter=1000).fit((src_train - ms) @ Ps.T, y_src)
+    zt = (tgt_test - mt) @ Pt.T
+    return {"k": k, "auroc_aligned": float(roc_auc_score(y_tgt, probe.decision_function(zt @ R))),
+            "auroc_unaligned": float(roc_auc_score(y_tgt, probe.decision_function(zt))),
+            "auroc_source_train": float(roc_auc_score(y_src, probe.decision_function((src_train - ms) @ Ps.T)))}
+
+
+def class_matched_pairs(y_a, y_b, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices pairing true with true and false with false across two data sets (seeded; INFERRED pairing
+    for cross-data alignment, where no input exists in both sets)."""
+    rng = np.random.default_rng(seed)
+    ia, ib = [], []
+    for label in (0, 1):
+        a = rng.permutation(np.flatnonzero(np.asarray(y_a) == label))
+        b = rng.permutation(np.flatnonzero(np.asarray(y_b) == label))
+        n = min(len(a), len(b))
+        ia.append(a[:n])
+        ib.append(b[:n])
+    return np.concatenate(ia), np.concatenate(ib)
+
+
+# ---- the whole analysis ----------------------------------------------------------------------------------
+@dataclass
+class TruthResult:
+    """Output of :func:`fit_truth`: tables (pandas) and the fitted directions.
+
+    ``layers`` (per layer and method: auroc, accuracy, sigma), ``heads`` (per layer and head: val_accuracy,
+    test_auroc), ``transfer`` (train family x test family at ``best_layer``), ``projections`` (test statements'
+    projection on the best direction, for histograms), ``directions`` (best layer, one per method) and
+    ``iti`` (the top-K head directions).
+    """
+
+    layers: pd.DataFrame
+    heads: pd.DataFrame | None
+    transfer: pd.DataFrame | None
+    projections: pd.DataFrame
+    directions: dict[str, Direction]
+    iti: list[Direction]
+    best_layer: int
+    summary: dict
+
+
+def fit_truth(handle, family: str = "capitals", transfer_families=(), layers=None, methods=METHODS,
+              k_heads: int = 16, seed: int = 0, batch_size: int = 32, progress: bool = False) -> TruthResult:
+    """Fit and evaluate truthful directions of ``family`` on ``handle`` (see the module docstring).
+
+    Probes train on the ``train`` split, ITI ranks heads on ``val``, every score is on ``test``; the saved
+    directions (best layer by held-out probe AUROC, one per method; ITI heads) are refitted on train + val.
+    ``k_heads=0`` skips the per-head analysis.
+    """
+    from .truth_data import data_hash, make_statements
+
+    layers = _check_layers(handle, layers)
+    families = [family] + [f for f in transfer_families if f != family]
+    df = make_statements(families, seed=seed)
+    acts = extract_last_token(handle, df.text.tolist(), layers, heads=k_heads > 0, batch_size=batch_size,
+                              progress=progress)
+    fam = (df.family == family).to_numpy()
+    part = {s: torch.from_numpy(fam & (df.split == s).to_numpy()) for s in ("train", "val", "test")}
+    y = torch.tensor(df.label.to_numpy())
+    tr, va, te = part["train"], part["val"], part["test"]
+    table, _ = layer_sweep(acts["resid"][tr], y[tr], acts["resid"][te], y[te], layers, methods,
+                           df.pair_id.to_numpy()[tr.numpy()], seed)
+    best_row = table[table.method == ("probe" if "probe" in methods else methods[0])].sort_values(
+        "auroc", ascending=False, kind="stable").iloc[0]
+    best_layer = int(best_row.layer)
+    j = layers.index(best_layer)
+    trva = tr | va
+    model, dh = handle.spec, data_hash(df[fam])
+    directions = {}
+    for method in methods:
+        u, sigma, det = fit_direction(acts["resid"][trva][:, j], y[trva], method,
+                                      df.pair_id.to_numpy()[trva.numpy()], seed)
+        row = table[(table.method == method) & (table.layer == best_layer)].iloc[0]
+        directions[method] = Direction(torch.from_numpy(u).float(), sigma, best_layer, "resid_post", None, method,
+                                       model, dh, det, {"test_auroc": float(row.auroc),
+                                                        "test_accuracy": float(row.accuracy), "family": family})
+    heads_table, iti = None, []
+    if k_heads > 0:
+        H = acts["heads"]
+        heads_table = head_sweep(H[tr], y[tr], H[va], y[va], H[te], y[te], layers, seed, progress)
+        iti = iti_directions(H[trva], y[trva], layers, top_k_heads(heads_table, k_heads), model, dh, heads_table)
+    transfer = None
+    if len(families) > 1:
+        per = {}
+        for f in families:
+            m = (df.family == f).to_numpy()
+            a, b = torch.from_numpy(m & (df.split == "train").to_numpy()), torch.from_numpy(
+                m & (df.split == "test").to_numpy())
+            per[f] = (acts["resid"][a], y[a], acts["resid"][b], y[b], df.pair_id.to_numpy()[a.numpy()])
+        transfer = transfer_matrix(per, j, "mass_mean")
+    best = directions[methods[0]]
+    test_df = df[te.numpy()]
+    projections = pd.DataFrame(dict(text=test_df.text.tolist(), label=test_df.label.tolist(),
+                                    projection=best.project(acts["resid"][te][:, j]).numpy()))
+    summary = {"model": model, "family": family, "n_statements": int(fam.sum()), "layers": layers,
+               "best_layer": best_layer, "best_probe_auroc": float(best_row.auroc), "data_hash": dh,
+               "directions": {k: {"sigma": d.sigma, **d.metrics} for k, d in directions.items()},
+               "iti_heads": [[d.layer, d.head] for d in iti]}
+    return TruthResult(table, heads_table, transfer, projections, directions, iti, best_layer, summary)
+
+
+def write_truth_report(result: TruthResult, folder) -> Path:
+    """Write tables, directions (``direction_<method>``, ``iti_heads``), figures and ``report.md``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import ReportFolder, markdown_table
+
+    rf = ReportFolder(folder)
+    rf.table("layers", result.layers)
+    for method, d in result.directions.items():
+        d.save(rf.path / f"direction_{method}")
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method, g in result.layers.groupby("method", sort=False):
+        ax[0].plot(g.layer, g.auroc, marker=".", label=method)
+    ax[0].axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax[0].set(xlabel="layer", ylabel="held-out AUROC", title=f"{result.summary['family']}: probe per layer")
+    ax[0].legend()
+    for label, g in result.projections.groupby("label"):
+        ax[1].hist(g.projection, bins=20, alpha=0.6, label="true" if label == 1 else "false")
+    ax[1].set(xlabel=f"projection on {result.directions[next(iter(result.directions))].name}",
+              ylabel="test statements", title="held-out projections")
+    ax[1].legend()
+    rf.figure("auroc_by_layer", fig)
+    rf.table("projections", result.projections)
+    md = [f"# Truthful directions: {result.summary['model']}, family `{result.summary['family']}`", "",
+          f"Best layer by held-out probe AUROC: **{result.best_layer}** "
+          f"(AUROC {result.summary['best_probe_auroc']:.3f}). Splits are by entity.", "",
+          "![AUROC by layer](auroc_by_layer.png)", "", "## Per layer (held-out)", "",
+          markdown_table(result.layers.pivot(index="layer", columns="method", values="auroc").reset_index())]
+    if result.heads is not None:
+        rf.table("heads", result.heads)
+        save_directions(result.iti, rf.path / "iti_heads")
+        top = result.heads.sort_values("val_accuracy", ascending=False, kind="stable").head(len(result.iti))
+        md += ["", f"## ITI top-{len(result.iti)} heads (validation accuracy)", "", markdown_table(top.head(10))]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        grid = result.heads.pivot(index="layer", columns="head", values="val_accuracy")
+        im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", origin="lower",
+                       extent=(-0.5, grid.shape[1] - 0.5, grid.index.min() - 0.5, grid.index.max() + 0.5))
+        fig.colorbar(im, label="validation accuracy")
+        ax.set(xlabel="head", ylabel="layer", title="per-head probe accuracy (attn.z, last token)")
+        rf.figure("heads", fig)
+        md += ["", "![per-head accuracy](heads.png)"]
+    if result.transfer is not None:
+        rf.table("transfer", result.transfer)
+        md += ["", f"## Cross-family transfer (mass-mean, layer {result.best_layer}, held-out AUROC)", "",
+               markdown_table(result.transfer.pivot(index="train_family", columns="test_family",
+                                                    values="auroc").reset_index())]
+    rf.summary(result.summary)
+    rf.markdown("\n".join(md) + "\n")
+    return rf.path

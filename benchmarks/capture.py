@@ -1,0 +1,211 @@
+"""Capture overhead: hiddenlens vs a plain forward, HF ``output_hidden_states``, TransformerLens and nnsight.
+
+One model load; the TransformerBridge and the nnsight model wrap the same weights. Every contender does the same
+work on the same ``[batch, tokens]`` token ids (no padding): one forward that keeps the residual stream after each
+of the model's blocks (``blocks.*.resid_post``), then the same plus one layer's attention pattern. Repetitions are
+interleaved (rep 1 of every contender, then rep 2, ...) after one warm-up round, so drift in machine load hits all
+of them alike; we report medians, and ratios of medians measured in this one run.
+
+Contenders (``name``: what runs):
+
+* ``plain``: ``hf_model(ids)`` with the model's own attention (SDPA by default): the baseline.
+* ``hiddenlens``: the same call inside ``hiddenlens.capture(handle, sites)`` (PyTorch hooks on the 30 blocks;
+  with a pattern, only that layer switches to eager attention).
+* ``hf_hidden_states``: ``hf_model(ids, output_hidden_states=True)`` (plus ``output_attentions=True`` with the
+  model switched to eager attention for the pattern row: HF cannot return one layer's weights).
+* ``transformer_lens``: ``bridge.run_with_cache(ids, names_filter=[...the same hook points...])``; the bridge runs
+  eager attention in every layer (TransformerLens forces it). ``bridge_plain`` (the bridge's forward without a
+  cache) separates that cost from the caching cost.
+* ``nnsight``: ``lm.trace(ids)`` with ``.save()`` of every block output (and the attention module's second output
+  for the pattern row, with the model switched to eager attention, which nnsight needs for weights).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+#: contenders per scenario, in the order they run inside each repetition
+SCENARIOS = {
+    "resid_post": ("plain", "hiddenlens", "hf_hidden_states", "transformer_lens", "bridge_plain", "nnsight"),
+    "resid_post+pattern": ("plain", "hiddenlens", "hf_hidden_states", "transformer_lens", "nnsight"),
+}
+
+
+def benchmark_input(handle, batch: int, tokens: int) -> torch.Tensor:
+    """``[batch, tokens]`` token ids of offline English prose (CPython's help topics), no padding."""
+    from hiddenlens.models.tiny import offline_prose
+
+    ids = handle.tokenizer(offline_prose(400_000), add_special_tokens=False)["input_ids"]
+    need = batch * tokens
+    if len(ids) < need:
+        raise ValueError(f"batch {batch} x {tokens} tokens needs {need} tokens of prose; only {len(ids)} exist")
+    return torch.tensor(ids[:need]).view(batch, tokens).to(handle.device)
+
+
+@contextmanager
+def _attention(model, impl: str | None):
+    """Switch the whole model to attention ``impl`` for the block (None: leave it)."""
+    old = model.config._attn_implementation
+    if impl is not None:
+        model.config._attn_implementation = impl
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = old
+
+
+def contenders(handle, bridge, lm, ids: torch.Tensor, pattern_layer: int | None) -> dict[str, Callable[[], None]]:
+    """The zero-argument callables timed for one scenario (``pattern_layer`` None: resid_post only)."""
+    import hiddenlens as hl
+
+    m, n = handle.hf_model, handle.n_layers
+    mask = torch.ones_like(ids)
+    sites = [f"blocks.{i}.resid_post" for i in range(n)]
+    tl_names = [f"blocks.{i}.hook_resid_post" for i in range(n)]
+    want = pattern_layer is not None
+    if want:
+        sites.append(f"blocks.{pattern_layer}.attn.pattern")
+        tl_names.append(f"blocks.{pattern_layer}.attn.hook_pattern")
+
+    def plain():
+        m(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def hiddenlens():
+        with hl.capture(handle, sites):
+            m(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def hf_hidden_states():
+        with _attention(m, "eager" if want else None):
+            out = m(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True,
+                    output_attentions=want)
+        assert len(out.hidden_states) == n + 1 and (not want or out.attentions[pattern_layer] is not None)
+
+    def transformer_lens():
+        _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=tl_names)
+        assert all(name in cache for name in tl_names)
+
+    def bridge_plain():
+        bridge(ids, attention_mask=mask)
+
+    def nnsight():
+        layers, saved = lm.model.layers, []  # names bound inside a trace do not leave it: fill a list
+        with _attention(m, "eager" if want else None):
+            with lm.trace({"input_ids": ids, "attention_mask": mask}):
+                for i in range(n):  # in execution order, as nnsight requires
+                    if want and i == pattern_layer:
+                        saved.append(layers[i].self_attn.output[1].save())
+                    saved.append(layers[i].output.save())
+        assert len(saved) == len(tl_names)
+
+    return {"plain": plain, "hiddenlens": hiddenlens, "hf_hidden_states": hf_hidden_states,
+            "transformer_lens": transformer_lens, "bridge_plain": bridge_plain, "nnsight": nnsight}
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_capture_benchmark(model: str = "smollm2-135m-instruct", batch: int = 8, tokens: int = 128, reps: int = 5,
+                          device: str = "auto", dtype: str = "auto", pattern_layer: int | None = None,
+                          progress: bool = True) -> dict:
+    """Run both scenarios; returns the result dict (seconds per forward, medians and ratios)."""
+    import hiddenlens as hl
+    from hiddenlens.models.backends import wrap
+
+    if reps < 1:
+        raise ValueError(f"reps={reps}: need at least one timed repetition")
+    handle = hl.load_model(model, device=device, dtype=dtype)
+    n = handle.n_layers
+    layer = n // 2 if pattern_layer is None else pattern_layer
+    if not -n <= layer < n:
+        raise ValueError(f"pattern layer {layer} is out of range: this model has {n} blocks (0-{n - 1})")
+    layer %= n
+    bridge, lm = wrap(handle, "transformer_lens"), wrap(handle, "nnsight")  # over the same weights
+    ids = benchmark_input(handle, batch, tokens)
+    plan = {name: contenders(handle, bridge, lm, ids, layer if "pattern" in name else None) for name in SCENARIOS}
+    times: dict[str, dict[str, list[float]]] = {s: {c: [] for c in cs} for s, cs in SCENARIOS.items()}
+    rounds = range(reps + 1)
+    if progress:
+        from tqdm.auto import tqdm
+        rounds = tqdm(rounds, desc="repetitions (first is warm-up)", unit="rep")
+    for r in rounds:
+        gc.collect()  # once per round, untimed: no contender pays for another's garbage
+        for scenario, names in SCENARIOS.items():
+            for name in names:
+                t = _timed(plan[scenario][name], handle.device)
+                if r:
+                    times[scenario][name].append(t)
+    result = {
+        "model": handle.spec, "device": str(handle.device), "dtype": str(handle.dtype).replace("torch.", ""),
+        "attn_implementation": handle.hf_model.config._attn_implementation, "batch": batch, "tokens": tokens,
+        "reps": reps, "pattern_layer": layer, "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "versions": _versions(), "seconds": times, "median_s": {}, "ratio_to_plain": {}, "hiddenlens_speedup": {},
+    }
+    for scenario, per in times.items():
+        med = {c: statistics.median(v) for c, v in per.items()}
+        result["median_s"][scenario] = med
+        result["ratio_to_plain"][scenario] = {c: med[c] / med["plain"] for c in med}
+        result["hiddenlens_speedup"][scenario] = {c: med[c] / med["hiddenlens"] for c in med
+                                                 if c in ("hf_hidden_states", "transformer_lens", "nnsight")}
+    resid = result["ratio_to_plain"]["resid_post"]
+    result["goal"] = {"resid_capture_within_1.05x_plain": resid["hiddenlens"] <= 1.05,
+                      "faster_than_transformer_lens": resid["hiddenlens"] < resid["transformer_lens"],
+                      "faster_than_nnsight": resid["hiddenlens"] < resid["nnsight"]}
+    return result
+
+
+def _versions() -> dict:
+    import nnsight
+    import transformer_lens
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "transformer_lens": getattr(transformer_lens, "__version__", "?"), "nnsight": nnsight.__version__}
+
+
+def print_table(result: dict, console) -> None:
+    """A rich table: median seconds per forward, ratio to the plain forward, and hiddenlens' speed-up."""
+    from rich.table import Table
+
+    for scenario, med in result["median_s"].items():
+        title = (f"{scenario}: {result['model']} {result['device']} {result['dtype']}, batch {result['batch']} x "
+                 f"{result['tokens']} tokens, median of {result['reps']} interleaved reps")
+        table = Table(title=title)
+        for col in ("contender", "median ms", "min ms", "max ms", "x plain forward", "x hiddenlens"):
+            table.add_column(col, justify="left" if col == "contender" else "right")
+        for name, m in med.items():
+            runs = result["seconds"][scenario][name]
+            table.add_row(name, f"{1000 * m:.1f}", f"{1000 * min(runs):.1f}", f"{1000 * max(runs):.1f}",
+                          f"{result['ratio_to_plain'][scenario][name]:.3f}",
+                          f"{m / med['hiddenlens']:.2f}")
+        console.print(table)
+    console.print("goal: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in result["goal"].items()))
+
+
+def write_result(result: dict, out: Path) -> Path:
+    """Write the result as JSON (atomically); returns the path."""
+    from hiddenlens.probes.atomic import write_json
+
+    out = Path(out)
+    if out.suffix != ".json":
+        out = out / "capture.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    return out
+

@@ -1,0 +1,33 @@
+"""hiddenlens dashboard: ``streamlit run`` entry point (``hiddenlens dashboard`` starts it).
+
+The sidebar (model picker, device, prompt) is shared; each page lives in ``pages/`` and calls ``backend`` only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
+
+from hiddenlens.dashboard import sidebar
+
+PAGES = Path(__file__).parent / "pages"
+
+if PagesManager.uses_pages_directory:
+    # Streamlit takes a ``pages/`` folder beside the entry script for an old-style multipage app and runs the first
+    # script pass in that mode; widget ids then change on the next pass, so the sidebar's values (model, prompt)
+    # would reset once. This app uses st.navigation only: switch the mode off and start the pass again.
+    PagesManager.uses_pages_directory = False
+    st.rerun()
+st.set_page_config(page_title="hiddenlens", layout="wide")
+sidebar.render()
+st.navigation([
+    st.Page(PAGES / "overview.py", title="Overview", default=True),
+    st.Page(PAGES / "dynamics.py", title="Latent dynamics"),
+    st.Page(PAGES / "sinks.py", title="Attention sinks"),
+    st.Page(PAGES / "intention.py", title="Intention"),
+    st.Page(PAGES / "truth.py", title="Truthful directions"),
+    st.Page(PAGES / "leakage.py", title="Semantic leakage"),
+    st.Page(PAGES / "iteration.py", title="Latent iteration"),
+    st.Page(PAGES / "results.py", title="Results"),
+]).run()

@@ -1,0 +1,221 @@
+"""The interface the dashboard pages call. Pages never touch hooks or tensors: they pass a :class:`ModelKey`, the
+prompt and parameters, and get back plain views (numpy arrays, strings, DataFrames).
+
+Every heavy function is cached per (model key, input, parameters) with ``st.cache_resource`` (bounded; results are
+returned by reference, never pickled) so unrelated reruns never recompute, and shows a spinner while it runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from . import attention, lens, results, truthview
+from .modelstore import ModelKey, get_model
+
+MAX_PROMPT_CHARS = 2000
+
+
+def model_card(key: ModelKey) -> dict:
+    """Spec, source, backend, device, dtype, parameter count and the adapter's architecture description."""
+    handle = get_model(key)
+    n_params = sum(p.numel() for p in handle.hf_model.parameters())
+    return {"spec": handle.spec, "source": handle.info.get("source", ""), "backend": handle.backend,
+            "device": str(handle.device), "dtype": str(handle.dtype).replace("torch.", ""),
+            "parameters": n_params, "architecture": handle.adapter.describe()}
+
+
+def site_table(key: ModelKey) -> pd.DataFrame:
+    """Every capturable site: name, layer (blank for global sites) and kind."""
+    rows = []
+    for name in get_model(key).site_names():
+        parts = name.split(".")
+        is_block = parts[0] == "blocks"
+        rows.append({"site": name, "layer": int(parts[1]) if is_block else None,
+                     "kind": ".".join(parts[2:]) if is_block else name})
+    return pd.DataFrame(rows)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the tuned lens...")
+def _tuned_lens(key: ModelKey, path: str, mtime_ns: int):
+    from hiddenlens.analyses.tuned_lens import TunedLens
+
+    return TunedLens.load(path, get_model(key)).to(get_model(key).device)
+
+
+@st.cache_resource(max_entries=16, show_spinner="Running the lens over every layer...")
+def lens_view(key: ModelKey, prompt: str, tuned_path: str = "", max_positions: int = 48, top_k: int = 5
+              ) -> lens.LensView:
+    """Logit-lens view of ``prompt`` on the model ``key``; with ``tuned_path`` (a ``.safetensors`` lens written by
+    ``TunedLens.save``) the tuned lens instead."""
+    tuned = None
+    if tuned_path:
+        p = Path(tuned_path).expanduser()
+        tuned = _tuned_lens(key, str(p), p.stat().st_mtime_ns if p.is_file() else 0)
+    return lens.lens_view(get_model(key), prompt, tuned=tuned, max_positions=max_positions, top_k=top_k)
+
+
+SINK_METRICS = {"dormancy": "dormancy (mean attention on the first token)", "sink_first": "sink mass of key 0",
+                "value_ratio": "value norm ratio (first / rest)", "logit_gap": "logit gap to key 0",
+                "row_entropy": "row entropy (normalised)"}
+
+
+@st.cache_resource(max_entries=16, show_spinner="Measuring attention sinks at every layer and head...")
+def sink_analysis(key: ModelKey, prompt: str, max_tokens: int = 96):
+    """``hiddenlens.analyses.sinks.sink_analysis`` of one prompt (BOS prepended): ``.heads``, ``.layers``."""
+    from hiddenlens.analyses import sinks
+
+    return sinks.sink_analysis(get_model(key), [prompt], add_bos=True, max_tokens=max_tokens)
+
+
+@st.cache_resource(max_entries=32, show_spinner="Capturing the head's attention pattern...")
+def head_pattern(key: ModelKey, prompt: str, layer: int, head: int, max_tokens: int = 96, max_size: int = 64
+                 ) -> tuple[list[str], np.ndarray, int]:
+    """``(tokens, pattern, pooling factor)`` of one head; patterns longer than ``max_size`` are average-pooled."""
+    from hiddenlens.analyses import sinks
+
+    tokens, pattern = sinks.head_pattern(get_model(key), prompt, layer, head, add_bos=True, max_tokens=max_tokens)
+    pooled, factor = attention.pool(pattern, max_size)
+    return lens.token_strings_from_text(tokens), pooled, factor
+
+
+@st.cache_resource(max_entries=4, show_spinner="Running the sink metrics on prose and on code...")
+def domain_sinks(key: ModelKey, n_prompts: int = 4, n_tokens: int = 64) -> tuple[dict, pd.DataFrame]:
+    """Sink analyses of offline prose and Python code (``sinks.default_domains``) and their per-head contrast."""
+    from hiddenlens.analyses import sinks
+
+    handle = get_model(key)
+    by_domain = {name: sinks.sink_analysis(handle, rows) for name, rows in
+                 sinks.default_domains(handle, n_prompts=n_prompts, n_tokens=n_tokens).items()}
+    return by_domain, sinks.domain_contrast(by_domain)
+
+
+@st.cache_resource(max_entries=16, show_spinner="Reading the next-token distribution...")
+def prompt_intention(key: ModelKey, prompt: str) -> dict:
+    """H_int of ``prompt`` (entropy in bits of the next-token distribution: top-100 renormalised and full)."""
+    from hiddenlens.analyses.intention import intention_entropy
+
+    logits = get_model(key).run([prompt]).logits[0, -1]
+    return {"h_int_bits": float(intention_entropy(logits)), "h_int_full_bits": float(intention_entropy(logits, None))}
+
+
+@st.cache_resource(max_entries=4, show_spinner="Running the regimes (generation + probes)...")
+def live_regimes(key: ModelKey, n_problems: int, regimes: tuple[str, ...], max_new_tokens: int, seed: int = 0
+                 ) -> dict[str, pd.DataFrame]:
+    """``hiddenlens.analyses.regimes.run_regimes`` on ``n_problems`` generated arithmetic problems; the
+    ``regimes`` / ``dims`` / ``items`` tables, as a report folder of that experiment holds them."""
+    from hiddenlens.analyses.arithmetic import make_problems
+    from hiddenlens.analyses.regimes import run_regimes
+
+    res = run_regimes(get_model(key), make_problems(n_problems, seed=seed), regimes=regimes,
+                      max_new_tokens={r: max_new_tokens for r in regimes}, n_boot=200, seed=seed, progress=False)
+    return {"regimes": res.regimes, "dims": res.dims, "items": res.items}
+
+
+REGIME_TABLES = {"regimes": ("regime", "h_int_bits", "accuracy"), "dims": ("regime", "layer", "participation_ratio")}
+
+
+def regime_tables(path: str) -> dict[str, pd.DataFrame]:
+    """The ``regimes`` and ``dims`` (and ``items`` when present) tables of a ``hiddenlens analyze intention`` report
+    folder; raises :class:`results.ResultsError` when the folder is not one."""
+    res = open_results(path)
+    missing = [f"{name}.parquet (columns {', '.join(cols)})" for name, cols in REGIME_TABLES.items()
+               if name not in res.tables or not set(cols) <= set(res.tables[name].columns)]
+    if missing:
+        raise results.ResultsError(f"{res.path} is not an intention report folder: missing {'; '.join(missing)}")
+    return {name: res.tables[name] for name in ("regimes", "dims", "items") if name in res.tables}
+
+
+@st.cache_resource(max_entries=2, show_spinner="Fitting truthful directions (activations of every statement)...")
+def truth_fit(key: ModelKey, family: str = "capitals", k_heads: int = 8) -> truthview.TruthView:
+    """``hiddenlens.analyses.truth.fit_truth`` on the model, live."""
+    from hiddenlens.analyses.truth import fit_truth
+
+    return truthview.from_result(fit_truth(get_model(key), family, k_heads=k_heads))
+
+
+def truth_run(path: str) -> truthview.TruthView:
+    """The tables and directions of a ``hiddenlens truth directions`` report folder."""
+    return truthview.from_folder(open_results(path))
+
+
+def truth_source(key: ModelKey, source: tuple) -> truthview.TruthView:
+    """``("fit", family, k_heads)`` or ``("run", path)`` -> the cached :class:`truthview.TruthView`."""
+    return truth_fit(key, *source[1:]) if source[0] == "fit" else truth_run(source[1])
+
+
+@st.cache_resource(max_entries=16, show_spinner="Generating with and without steering...")
+def steer_compare(key: ModelKey, prompt: str, source: tuple, method: str, alpha: float, mode: str,
+                  max_new_tokens: int) -> dict[str, pd.DataFrame]:
+    """Plain and steered greedy continuations of ``prompt``, each scored per token by the direction's detector
+    (``truth.token_scores``, read on an unsteered pass over each sequence): ``{"plain": df, "steered": df}`` with
+    ``token``, ``generated``, ``projection``, ``p_true``."""
+    from hiddenlens.analyses.truth import token_scores
+    from hiddenlens.interventions.steer import steer_generate
+
+    handle = get_model(key)
+    direction = truth_source(key, source).direction(method)
+    plain = token_scores(handle, direction, prompt, max_new_tokens=max_new_tokens)
+    steered = steer_generate(handle, [prompt], [direction], alpha, mode=mode, max_new_tokens=max_new_tokens)
+    scored = token_scores(handle, direction, steered.sequences[0].tolist(), 0)
+    scored["generated"] = scored["position"] >= steered.prompt_length
+    return {"plain": plain, "steered": scored}
+
+
+@st.cache_resource(max_entries=16, show_spinner="Replacing the span and generating before / after...")
+def replacement(key: ModelKey, prompt: str, span: str, first: int, last: int, mode: str = "isolated",
+                tokens: str = "all", top_k: int = 10, max_new_tokens: int = 20):
+    """``hiddenlens.interventions.replace.compare_replacement`` of ``span`` over residual states
+    ``first..last`` (inclusive; 0 = embedding output): next-token table, KL, continuations, log."""
+    from hiddenlens.interventions.replace import compare_replacement
+
+    return compare_replacement(get_model(key), prompt, span, (first, last), mode, tokens, top_k=top_k,
+                               max_new_tokens=max_new_tokens)
+
+
+def _decider(decider: str, threshold: float):
+    from hiddenlens.interventions.decider import EntropyDecider, load_decider
+
+    if decider == "entropy":
+        return EntropyDecider(threshold)
+    return load_decider(Path(decider).expanduser(), threshold)
+
+
+@st.cache_resource(max_entries=16, show_spinner="Iterating the hard tokens...")
+def iteration(key: ModelKey, prompt: str, decider: str = "entropy", threshold: float = 2.5, max_iter: int = 2
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Think-at-Hard selective iteration over ``prompt`` (teacher forced): per-token table (token, target,
+    predictions before / after, depth, decider score, fixed, broken) and its one-row summary. ``decider`` is
+    ``"entropy"`` or the folder of a trained MLP decider (``decider.safetensors`` + ``decider.json``)."""
+    from hiddenlens.analyses.iteration import summarize, token_table
+    from hiddenlens.interventions.iterate import iterate_teacher_forced
+
+    handle = get_model(key)
+    ids = handle.tokenize([prompt]).input_ids[0].tolist()
+    res = iterate_teacher_forced(handle, ids, _decider(decider, threshold), max_iter=max_iter)
+    table = token_table(handle, res, "entropy" if decider == "entropy" else "mlp")
+    return table, summarize(table)
+
+
+def _folder_signature(path: Path) -> tuple:
+    try:
+        return tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.iterdir()))
+    except OSError:
+        return ()
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the results folder...")
+def _open_results(path: str, signature: tuple) -> results.Results:
+    return results.open_results(path)
+
+
+def open_results(path: str) -> results.Results:
+    """The results folder at ``path`` (re-read when a file in it changes); raises :class:`results.ResultsError`."""
+    p = Path(path.strip()).expanduser() if path.strip() else Path("")
+    return _open_results(path, _folder_signature(p) if p.is_dir() else ())
+
+
+find_report_folders = results.find_report_folders
+ResultsError = results.ResultsError

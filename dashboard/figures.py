@@ -1,0 +1,108 @@
+"""Plotly figure builders (pure functions of numpy arrays; no Streamlit, no model)."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+STAT_LABELS = {"top_prob": "top-1 probability", "entropy": "entropy (nats)", "kl_final": "KL to final layer (nats)",
+               "norm": "residual norm"}
+_LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), template="plotly_white")
+
+
+def position_labels(tokens: list[str]) -> list[str]:
+    return [f"{i}:{t}" for i, t in enumerate(tokens)]
+
+
+def lens_heatmap(view, stat: str = "entropy", max_cells_with_text: int = 1200) -> go.Figure:
+    """Layers (y, input at the bottom) x positions (x); colour = ``stat``; top token in cells; top-k on hover."""
+    z = getattr(view, stat)
+    show_text = z.size <= max_cells_with_text
+    fig = go.Figure(go.Heatmap(
+        z=z, x=position_labels(view.tokens), y=view.layers, colorscale="Viridis",
+        text=view.top_token if show_text else None, texttemplate="%{text}" if show_text else None,
+        customdata=view.topk, colorbar=dict(title=STAT_LABELS.get(stat, stat)),
+        hovertemplate="%{y} @ %{x}<br>" + STAT_LABELS.get(stat, stat) + " %{z:.3f}<br>top-k:<br>%{customdata}"
+                      "<extra></extra>"))
+    fig.update_layout(title=f"{view.lens} lens: {STAT_LABELS.get(stat, stat)}", xaxis_title="position",
+                      yaxis_title="layer", height=max(320, 22 * len(view.layers) + 120), **_LAYOUT)
+    return fig
+
+
+def layer_curves(curves: dict[str, np.ndarray], title: str, yaxis: str, x_labels: list[str] | None = None,
+                 xaxis: str = "layer") -> go.Figure:
+    """One line per entry of ``curves`` (over layers by default)."""
+    fig = go.Figure()
+    for name, ys in curves.items():
+        xs = x_labels or list(range(len(ys)))
+        fig.add_trace(go.Scatter(x=xs, y=np.asarray(ys, dtype=float), mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, height=320, **_LAYOUT)
+    return fig
+
+
+def head_grid(scores: np.ndarray, title: str, colorbar: str, selected: tuple[int, int] | None = None
+              ) -> go.Figure:
+    """Layer (y) x head (x) grid of square markers coloured by ``scores``; clickable (point selection)."""
+    n_layers, n_heads = scores.shape
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    size = max(8, min(28, 520 // max(n_layers, n_heads)))
+    fig = go.Figure(go.Scatter(
+        x=head.ravel(), y=layer.ravel(), mode="markers",
+        marker=dict(symbol="square", size=size, color=scores.ravel(), colorscale="Magma", showscale=True,
+                    colorbar=dict(title=colorbar)),
+        customdata=np.stack([layer.ravel(), head.ravel()], axis=1),
+        hovertemplate="layer %{y}, head %{x}<br>" + colorbar + " %{marker.color:.3f}<extra></extra>"))
+    if selected is not None:
+        fig.add_trace(go.Scatter(x=[selected[1]], y=[selected[0]], mode="markers", hoverinfo="skip",
+                                 marker=dict(symbol="square-open", size=size + 6, color="#00c2ff",
+                                             line=dict(width=3)), showlegend=False))
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=max(300, 18 * n_layers + 140),
+                      xaxis=dict(dtick=1), yaxis=dict(dtick=max(1, n_layers // 16)), clickmode="event+select",
+                      showlegend=False,
+                      **_LAYOUT)
+    return fig
+
+
+def pattern_heatmap(pattern: np.ndarray, tokens: list[str], pooled: int, title: str) -> go.Figure:
+    """One head's attention pattern (query y, key x); axis labels are tokens unless the map was pooled."""
+    n = pattern.shape[-1]
+    labels = position_labels(tokens) if pooled == 1 else [f"{i * pooled}-{i * pooled + pooled - 1}" for i in range(n)]
+    fig = go.Figure(go.Heatmap(z=pattern.astype(np.float32), x=labels, y=labels, colorscale="Blues",
+                               zmin=0, hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title + (f" (pooled x{pooled})" if pooled > 1 else ""), xaxis_title="key",
+                      yaxis_title="query", yaxis_autorange="reversed", height=420, **_LAYOUT)
+    return fig
+
+
+def layer_position_heatmap(z: np.ndarray, tokens: list[str], layers: list[str], title: str, colorbar: str
+                           ) -> go.Figure:
+    """A plain layer x position heatmap (e.g. residual norms)."""
+    fig = go.Figure(go.Heatmap(z=z, x=position_labels(tokens), y=layers,
+                               colorscale="Cividis", colorbar=dict(title=colorbar)))
+    fig.update_layout(title=title, xaxis_title="position", yaxis_title="layer", height=360, **_LAYOUT)
+    return fig
+
+
+def histogram(groups: dict[str, np.ndarray], title: str, xaxis: str) -> go.Figure:
+    """Overlaid histograms, one per group (e.g. projections of true vs false statements)."""
+    fig = go.Figure([go.Histogram(x=np.asarray(v, dtype=float), name=k, opacity=0.6) for k, v in groups.items()])
+    fig.update_layout(barmode="overlay", title=title, xaxis_title=xaxis, yaxis_title="count", height=320, **_LAYOUT)
+    return fig
+
+
+def bar_ci(labels: list[str], values, lows, highs, title: str, yaxis: str, reference: float | None = None
+           ) -> go.Figure:
+    """Bars with asymmetric confidence intervals; ``reference`` draws a dashed line (e.g. chance = 0.5)."""
+    v, lo, hi = (np.asarray(a, dtype=float) for a in (values, lows, highs))
+    fig = go.Figure(go.Bar(x=list(labels), y=v, error_y=dict(type="data", symmetric=False, array=hi - v,
+                                                               arrayminus=v - lo)))
+    if reference is not None:
+        fig.add_hline(y=reference, line_dash="dash", line_color="grey")
+    fig.update_layout(title=title, yaxis_title=yaxis, height=320, **_LAYOUT)
+    return fig
+
+
+def grouped_bars(labels: list[str], groups: dict[str, np.ndarray], title: str, yaxis: str) -> go.Figure:
+    """Side-by-side bars per label, one colour per group (e.g. before / after)."""
+    fig = go.Figure([go.Bar(x=list(labels), y=np.asarray(v, dtype=float), name=k) for k, v in groups.items()])
+    fig.update_layout(barmode="group", title=title, yaxis_title=yaxis, height=340, **_LAYOUT)
+    return fig

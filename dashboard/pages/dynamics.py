@@ -1,0 +1,30 @@
+"""Latent dynamics: lens heatmap over layers x positions, entropy / KL curves, residual norm trajectories."""
+import streamlit as st
+
+from hiddenlens.dashboard import backend, figures, ui
+
+st.header("Latent dynamics")
+key = ui.require_model()
+prompt = ui.prompt()
+c1, c2, c3, c4 = st.columns(4)
+kind = c1.radio("Lens", ["logit", "tuned"], horizontal=True, key="dyn_lens")
+stat = c2.selectbox("Colour", list(figures.STAT_LABELS), format_func=figures.STAT_LABELS.get, key="dyn_stat")
+max_positions = c3.slider("Last positions shown", 4, 96, 32, key="dyn_positions")
+top_k = c4.slider("Top-k on hover", 1, 10, 5, key="dyn_topk")
+tuned_path = ""
+if kind == "tuned":
+    tuned_path = st.text_input("Tuned lens file (.safetensors, written by TunedLens.save)", key="dyn_tuned_path")
+    if not tuned_path.strip():
+        st.info("Give the path of a trained tuned lens; the logit lens is shown meanwhile.")
+with ui.shown_errors("The lens"):
+    view = backend.lens_view(key, prompt, tuned_path=tuned_path.strip(), max_positions=max_positions, top_k=top_k)
+    st.plotly_chart(figures.lens_heatmap(view, stat), key="dyn_heatmap")
+    left, right = st.columns(2)
+    left.plotly_chart(figures.layer_curves({"entropy": view.curve("entropy"), "KL to final": view.curve("kl_final")},
+                                           "Mean over positions", "nats", view.layers), key="dyn_curves")
+    right.plotly_chart(figures.layer_position_heatmap(view.norm, view.tokens, view.layers,
+                                                      "Residual norm trajectories", "L2 norm"), key="dyn_norms")
+    final = view.top_token[-1, -1]
+    first = view.layers[int((view.top_token[:, -1] == final).argmax())]
+    st.markdown(f"Next-token prediction at the last position: **{final}** (p = {view.top_prob[-1, -1]:.3f}); "
+                f"the {view.lens} lens first agrees with it at **{first}**.")

@@ -1,0 +1,48 @@
+"""Latent iteration (Think-at-Hard, training-free): per-token decider scores over the prompt, the iterated tokens
+highlighted, and where iteration fixed or broke the next-token prediction."""
+import streamlit as st
+
+from hiddenlens.dashboard import backend, figures, highlight, ui
+
+st.header("Latent iteration")
+key = ui.require_model()
+prompt = ui.prompt()
+st.caption("The prompt is read teacher-forced. A decider scores every position; positions above its threshold "
+           "run again with a soft embedding of their own prediction fed back (duo-causal KV cache), and the "
+           "logits add up. A *fix* is a wrong first prediction made right; a *break* the reverse.")
+c1, c2, c3 = st.columns(3)
+kind = c1.radio("Decider", ["entropy", "trained MLP"], horizontal=True, key="iter_kind")
+decider = "entropy"
+if kind == "trained MLP":
+    decider = c1.text_input("Decider folder (decider.safetensors + decider.json)", key="iter_folder").strip()
+    if not decider:
+        st.info("Give the folder of a trained decider, or use the entropy decider.")
+        st.stop()
+threshold = c2.slider("Threshold (nats for entropy, probability for the MLP)", 0.0, 8.0 if kind == "entropy" else 1.0,
+                      2.5 if kind == "entropy" else 0.5, key=f"iter_threshold_{kind}")
+max_iter = c3.slider("Passes (max_iter)", 2, 4, 2, key="iter_max")
+with ui.shown_errors("The iteration"):
+    table, summary = backend.iteration(key, prompt, decider, float(threshold), int(max_iter))
+    row = summary.iloc[0]
+    m = st.columns(5)
+    m[0].metric("Tokens iterated", f"{row['share_iterated']:.0%}")
+    m[1].metric("Accuracy first pass", f"{row['acc_first']:.0%}")
+    m[2].metric("Accuracy after", f"{row['acc_final']:.0%}")
+    m[3].metric("Fixes", int(table["fixed"].sum()))
+    m[4].metric("Breaks", int(table["broken"].sum()))
+    scores = table["score"].to_numpy(dtype=float)
+    span = max(float(scores.max() - scores.min()), 1e-9)
+    st.markdown("**Decider score per token** (darker green = higher score; iterated tokens underlined)")
+    st.html(highlight.coloured_tokens(table["token"].map(str).str.replace("\u0120", " ").tolist(),
+                                      (0.5 + 0.5 * (scores - scores.min()) / span).tolist(),
+                                      (table["depth"] > 0).tolist(), "decider score (scaled)"))
+    st.plotly_chart(figures.layer_curves({"decider score": scores}, "Decider score per position", "score",
+                                         figures.position_labels(table["token"].tolist()), xaxis="position")
+                    .add_hline(y=threshold, line_dash="dash", line_color="grey"), key="iter_scores")
+    changed = table[table["fixed"] | table["broken"]]
+    st.markdown(f"**Fixes and breaks** ({len(changed)})")
+    if len(changed):
+        st.dataframe(changed[["position", "token", "target", "pred_first", "pred_final", "depth", "score", "fixed",
+                              "broken"]], hide_index=True)
+    else:
+        st.write("Iteration changed no prediction on this prompt.")

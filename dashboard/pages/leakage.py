@@ -1,0 +1,48 @@
+"""Semantic leakage: replace a span's contextual states with its uncontextualized ones over a layer range, and
+compare next-token distributions and continuations before and after."""
+import re
+
+import streamlit as st
+
+from hiddenlens.dashboard import backend, figures, ui
+
+st.header("Semantic leakage")
+key = ui.require_model()
+prompt = ui.prompt()
+st.caption("Follow-the-Flow replacement: the span's residual states are overwritten by its states when "
+           "`[BOS] + span` runs alone, at every residual state in the range (0 = embedding output, "
+           "l = output of block l-1); later tokens see the replaced span.")
+words = sorted({w for w in re.findall(r"[A-Za-z][\w'-]*", prompt)}, key=prompt.find)
+c1, c2 = st.columns(2)
+span = c1.selectbox("Span (a word of the prompt)", words, index=len(words) // 2 if words else None, key="leak_span",
+                    accept_new_options=True, help="pick a word, or type any substring of the prompt")
+n_states = backend.model_card(key)["architecture"]["n_layers"]
+first, last = c2.slider("Layer range (residual states)", 0, n_states, (0, max(1, n_states // 2)), key="leak_layers")
+c1, c2, c3 = st.columns(3)
+mode = c1.selectbox("Positions of the lone run", ["isolated", "original"], key="leak_mode")
+which = c2.selectbox("Span tokens replaced", ["all", "last"], key="leak_tokens")
+new_tokens = c3.slider("New tokens", 4, 48, 16, key="leak_new")
+if not span:
+    st.info("Pick a span of the prompt.")
+    st.stop()
+with ui.shown_errors("The replacement"):
+    cmp = backend.replacement(key, prompt, span, first, last, mode, which, 10, new_tokens)
+    m = st.columns(3)
+    m[0].metric("Span tokens", cmp.span.n_tokens)
+    m[1].metric("KL(after || before), next token", f"{cmp.kl_after_before:.4f} nats")
+    changes = cmp.log.by_layer()
+    m[2].metric("Largest state change", f"{max(changes.values()):.2f}" if changes else "none")
+    left, right = st.columns(2)
+    left.markdown("**Before** (plain)")
+    left.code(prompt + cmp.continuation_before, language=None, wrap_lines=True)
+    right.markdown(f"**After** (span *{cmp.span.text}* replaced at states {first}-{last})")
+    right.code(prompt + cmp.continuation_after, language=None, wrap_lines=True)
+    table = cmp.table
+    st.plotly_chart(figures.grouped_bars(table["token"].map(repr).tolist(),
+                                         {"before": table["p_before"], "after": table["p_after"]},
+                                         "Next-token probabilities before and after", "probability"),
+                    key="leak_bars")
+    if changes:
+        st.plotly_chart(figures.layer_curves({"largest |change|": list(changes.values())},
+                                             "How much the replacement moved the span's states", "L2",
+                                             [str(k) for k in changes], xaxis="residual state"), key="leak_changes")

@@ -1,0 +1,49 @@
+"""Small UI helpers shared by the pages: the active model and prompt, and errors shown on the page."""
+from __future__ import annotations
+
+import contextlib
+
+import streamlit as st
+
+from .modelstore import ModelKey
+
+KEY_STATE = "hl_model_key"
+PROMPT_STATE = "hl_prompt"
+DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def error_text(exc: BaseException) -> str:
+    """One readable line for an exception (never a traceback)."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+@contextlib.contextmanager
+def shown_errors(what: str):
+    """Run a block; if it raises, show ``what`` and the error on the page instead of a traceback."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the page shows every failure as a message
+        st.error(f"{what} failed: {error_text(exc)}")
+
+
+def model_key() -> ModelKey | None:
+    return st.session_state.get(KEY_STATE)
+
+
+def require_model() -> ModelKey:
+    """The loaded model's key, or stop the page with a message."""
+    key = model_key()
+    if key is None:
+        st.warning("No model is loaded: pick one in the sidebar.")
+        st.stop()
+    return key
+
+
+def prompt() -> str:
+    """The prompt shared across pages (sidebar); stops the page when it is empty."""
+    text = st.session_state.get(PROMPT_STATE, DEFAULT_PROMPT) or ""
+    if not text.strip():
+        st.warning("The prompt is empty: type one in the sidebar.")
+        st.stop()
+    return text

@@ -1,0 +1,34 @@
+"""Token replacement: how far the next-token distribution moves when a clause's state at one layer is swapped for
+its uncontextualized state (docs/leakage.md). Writes docs/figures/replace.png."""
+import matplotlib.pyplot as plt
+import torch
+
+import hiddenlens as hl
+from hiddenlens.interventions.replace import compare_replacement, isolated_inputs, locate_span, run_replaced
+
+torch.set_grad_enabled(False)
+handle = hl.load_model()                                     # SmolLM2-135M-Instruct, offline, fp32 on CPU
+prompt = "He likes yellow. His father works as a"
+span = locate_span(handle, prompt, "His father works as a")  # the leaked-into item
+ids, _ = isolated_inputs(handle, span)                       # [BOS] + the clause alone
+alone = torch.log_softmax(handle.run([ids], add_bos=None).logits[0, -1], -1)
+
+layers = list(range(1, handle.n_layers + 1, 3)) + [handle.n_layers]
+kl_ctx, kl_alone = [], []
+for layer in layers:                                         # replace the clause at one residual state
+    res = run_replaced(handle, prompt, span, layer)
+    before, after = (torch.log_softmax(x[-1], -1) for x in (res.logits_before, res.logits_after))
+    kl_ctx.append(float((after.exp() * (after - before)).sum()))
+    kl_alone.append(float((alone.exp() * (alone - after)).sum()))
+
+cmp = compare_replacement(handle, prompt, span, (1, handle.n_layers), max_new_tokens=12, top_k=5)
+print(cmp.table.head(8).to_string(index=False))
+print("before:", cmp.continuation_before, "| after:", cmp.continuation_after)
+
+fig, ax = plt.subplots(figsize=(6, 3.4))
+ax.plot(layers, kl_ctx, "o-", label="KL(after || unpatched)")
+ax.plot(layers, kl_alone, "s-", label="KL(clause alone || after)")
+ax.set_xlabel("replaced residual state (0 = embedding, 30 = last block output)")
+ax.set_ylabel("next-token KL (nats)")
+ax.set_title(f"Replacing '{span.text}' in '{prompt}'", fontsize=9), ax.legend(fontsize=8)
+fig.savefig("docs/figures/replace.png", dpi=100, bbox_inches="tight")

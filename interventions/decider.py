@@ -1,0 +1,268 @@
+"""Iteration deciders for Think-at-Hard selective iteration (methods.md 5.2).
+
+* :class:`EntropyDecider`: iterate iff the entropy (nats) of the current cumulative next-token distribution is
+  above a threshold. A training-free baseline.
+* :class:`MLPDecider`: TaH's ``MLPIterDecider`` at a smaller size. Input: hidden states of chosen layers
+  (HF ``hidden_states`` indices, concatenated) and the sorted top-``k`` logit values through
+  ``Linear(k, d_model)``; ``Linear(-> hidden)``, ``n_blocks`` residual blocks
+  (``LN -> Linear(h, 4h) -> GELU -> Dropout -> Linear(4h, h) -> Dropout`` plus the skip), head
+  ``LN -> Linear(h, 1)``. Iterate iff ``sigmoid(logit) > threshold``.
+  Trained with BCE on "first pass mispredicted" labels (``argmax z_t != x_{t+1}``, the model's own greedy
+  prediction, TaH's ``label.py`` with the model itself as reference) over held-out prose.
+  **INFERRED deviations** from TaH, for a small CPU-trained decider: hidden 256 and 2 blocks instead of 512 and 6;
+  inputs standardized with training-set mean and std (TaH: ``normalize_input=False``); ``pos_weight`` =
+  negatives / positives of the training set (TaH: 5.4); Adam, lr 1e-3; the threshold is a fixed number (TaH learns
+  it). Saved as ``decider.safetensors`` + ``decider.json``; never pickled.
+* :class:`MaskDecider`: a fixed set of positions at depth 0 (``always`` and the ``oracle`` in evaluations).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from hiddenlens.interventions.iterate import DEFAULT_TOPK, DeciderInput, first_pass
+
+DEFAULT_LAYERS = (2, 10, 18, 26)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of ``softmax(logits)`` along the last axis."""
+    lp = torch.log_softmax(logits.float(), -1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+class EntropyDecider:
+    """Iterate iff the entropy (nats) of the cumulative next-token distribution exceeds ``threshold``."""
+
+    layers: Sequence[int] = ()
+
+    def __init__(self, threshold: float = 2.5):
+        if not np.isfinite(threshold):
+            raise ValueError("the entropy threshold must be a finite number of nats")
+        self.threshold = float(threshold)
+
+    def score(self, inp: DeciderInput) -> torch.Tensor:
+        return entropy(inp.logits)
+
+
+class MaskDecider:
+    """Iterate exactly at ``mask`` (bool ``[T]``) at depth 0, never deeper; scores are the mask as 0/1."""
+
+    layers: Sequence[int] = ()
+    threshold = 0.5
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask.bool().cpu()
+
+    def score(self, inp: DeciderInput) -> torch.Tensor:
+        if inp.depth > 0:
+            return torch.zeros(len(inp.positions))
+        return self.mask[inp.positions].float()
+
+
+@dataclass
+class MLPDeciderConfig:
+    """Architecture and decision settings of an :class:`MLPDecider` (stored in ``decider.json``)."""
+
+    layers: list[int] = field(default_factory=lambda: list(DEFAULT_LAYERS))
+    d_model: int = 576
+    topk: int = DEFAULT_TOPK
+    hidden: int = 256
+    n_blocks: int = 2
+    dropout: float = 0.1
+    threshold: float = 0.5
+    model: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+class _Block(nn.Module):
+    def __init__(self, h: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, 4 * h), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(4 * h, h), nn.Dropout(dropout))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class MLPDecider(nn.Module):
+    """Scores ``sigmoid(MLP([hidden states of layers] ++ Linear(topk logits))) `` per position; see module doc."""
+
+    def __init__(self, config: MLPDeciderConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        n_in = len(c.layers) * c.d_model
+        self.register_buffer("mean", torch.zeros(n_in + c.topk))
+        self.register_buffer("std", torch.ones(n_in + c.topk))
+        self.topk_proj = nn.Linear(c.topk, c.d_model)
+        self.input_projection = nn.Linear(n_in + c.d_model, c.hidden)
+        self.blocks = nn.Sequential(*[_Block(c.hidden, c.dropout) for _ in range(c.n_blocks)])
+        self.head = nn.Sequential(nn.LayerNorm(c.hidden), nn.Linear(c.hidden, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
+                nn.init.zeros_(m.bias)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.config.layers)
+
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``features`` ``[n, len(layers) * d_model + topk]`` (raw) -> logits ``[n]``."""
+        if features.ndim != 2 or features.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"decider expects features [n, {self.mean.shape[0]}] (layers {self.layers}, d_model "
+                             f"{self.config.d_model}, top-{self.config.topk}; trained on {self.config.model!r}), "
+                             f"got {tuple(features.shape)}: use a decider trained for this model")
+        x = (features - self.mean) / self.std
+        n_h = len(self.config.layers) * self.config.d_model
+        x = torch.cat([x[:, :n_h], self.topk_proj(x[:, n_h:])], -1)
+        return self.head(self.blocks(self.input_projection(x))).squeeze(-1)
+
+    def score(self, inp: DeciderInput) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(self(decider_features(inp.hidden, inp.logits, self.layers, self.config.topk)))
+
+
+def decider_features(hidden: dict[int, torch.Tensor], logits: torch.Tensor, layers: Sequence[int],
+                     k: int) -> torch.Tensor:
+    """``[n, len(layers) * d + k]``: hidden states of ``layers`` concatenated, then the sorted top-``k`` logits."""
+    missing = [l for l in layers if l not in hidden]
+    if missing:
+        raise KeyError(f"hidden states of layers {missing} were not read; available: {sorted(hidden)}")
+    parts = [hidden[l].float().cpu() for l in layers] + [logits.float().cpu().topk(k, -1).values]
+    return torch.cat(parts, -1)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+def prose_chunks(handle, split: str, n_chunks: int, seq_len: int = 128) -> list[list[int]]:
+    """``n_chunks`` token-id sequences of ``seq_len`` (BOS + text) from the offline prose. ``split="train"`` reads
+    the first half of the text, ``"eval"`` the second half, so the two never overlap."""
+    from hiddenlens.models.tiny import offline_prose
+
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r}: use 'train' or 'eval'")
+    if n_chunks < 1 or seq_len < 4:
+        raise ValueError("n_chunks must be >= 1 and seq_len >= 4")
+    text = offline_prose()
+    half = len(text) // 2
+    part = text[:half] if split == "train" else text[half:]
+    ids = handle.tokenizer(part[: n_chunks * seq_len * 8], add_special_tokens=False)["input_ids"]
+    body = seq_len - 1
+    if len(ids) < n_chunks * body:
+        raise ValueError(f"the {split} prose gives only {len(ids) // body} chunks of {seq_len} tokens")
+    bos = handle.tokenizer.bos_token_id
+    head = [bos] if bos is not None else []
+    return [head + ids[i * body:(i + 1) * body] for i in range(n_chunks)]
+
+
+def decider_dataset(handle, chunks: list[list[int]], layers: Sequence[int], k: int = DEFAULT_TOPK,
+                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features ``[n, len(layers) * d + k]``, labels ``[n]`` (1 = first pass mispredicted) and first-pass
+    entropies ``[n]`` for every position with a next token (the last one of each chunk has none)."""
+    from tqdm.auto import tqdm
+
+    feats, labels, ents = [], [], []
+    with torch.inference_mode():
+        for ids in tqdm(chunks, desc="decider data", disable=not progress):
+            fp = first_pass(handle, ids, layers)
+            n = fp.length - 1
+            feats.append(decider_features({l: h[:n] for l, h in fp.hidden.items()}, fp.logits[:n], layers, k))
+            labels.append((fp.logits[:n].argmax(-1) != fp.input_ids[1:]).float())
+            ents.append(entropy(fp.logits[:n]))
+    return torch.cat(feats), torch.cat(labels), torch.cat(ents)
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve; NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    return float("nan") if len(np.unique(labels)) < 2 else float(roc_auc_score(labels, scores))
+
+
+def train_mlp_decider(features: torch.Tensor, labels: torch.Tensor, config: MLPDeciderConfig, epochs: int = 8,
+                      lr: float = 1e-3, batch_size: int = 256, val_fraction: float = 0.2, seed: int = 0,
+                      progress: bool = True) -> MLPDecider:
+    """Train with BCE (``pos_weight`` = negatives/positives) on a random split; validation AUROC and accuracy go to
+    ``config.metrics``."""
+    from tqdm.auto import tqdm
+
+    if features.ndim != 2 or features.shape[0] != labels.shape[0]:
+        raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} do not align")
+    if not torch.isfinite(features).all():
+        raise ValueError("decider features hold NaN or Inf")
+    n = features.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    n_val = max(1, int(n * val_fraction))
+    val, tr = perm[:n_val], perm[n_val:]
+    y_tr = labels[tr]
+    pos = float(y_tr.sum())
+    if pos == 0 or pos == len(tr):
+        raise ValueError("the training labels hold a single class; use more text")
+    torch.manual_seed(seed)
+    model = MLPDecider(config)
+    model.mean.copy_(features[tr].mean(0))
+    model.std.copy_(features[tr].std(0).clamp(min=1e-6))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(tr) - pos) / pos))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in tqdm(range(epochs), desc="train decider", disable=not progress):
+        model.train()
+        for idx in torch.randperm(len(tr), generator=g).split(batch_size):
+            opt.zero_grad()
+            loss = loss_fn(model(features[tr[idx]]), y_tr[idx])
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        p_val = torch.sigmoid(model(features[val])).numpy()
+    y_val = labels[val].numpy()
+    config.metrics = {"n_train": int(len(tr)), "n_val": int(n_val), "train_positive_rate": pos / len(tr),
+                      "val_auroc": auroc(y_val, p_val),
+                      "val_share_iterated": float((p_val > config.threshold).mean()),
+                      "val_recall": float((p_val[y_val == 1] > config.threshold).mean()),
+                      "epochs": epochs, "lr": lr, "pos_weight": (len(tr) - pos) / pos}
+    return model
+
+
+def save_decider(model: MLPDecider, folder: str | Path) -> Path:
+    """Write ``decider.safetensors`` and ``decider.json`` (atomically) into ``folder``."""
+    from safetensors.torch import save_file
+
+    from hiddenlens.probes.atomic import atomic_path, write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "decider.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(folder / "decider.json", asdict(model.config))
+    return folder
+
+
+def load_decider(folder: str | Path, threshold: float | None = None) -> MLPDecider:
+    """Load a decider saved by :func:`save_decider` (safetensors + JSON only)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, w_path = folder / "decider.json", folder / "decider.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise FileNotFoundError(f"{folder} lacks decider.json / decider.safetensors; train one with "
+                                f"`hiddenlens train-decider --out {folder}`")
+    config = MLPDeciderConfig(**json.loads(cfg_path.read_text(encoding="utf-8")))
+    if threshold is not None:
+        config.threshold = float(threshold)
+    model = MLPDecider(config)
+    model.load_state_dict(load_file(str(w_path)))
+    return model.eval()

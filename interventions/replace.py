@@ -1,0 +1,393 @@
+"""Follow-the-Flow token replacement for causal LMs: swap a span's contextual states for its uncontextualized ones.
+
+Kaplan, Toker et al. (arXiv 2504.01137) fix semantic leakage in text-to-image encoders by "replacing the leaked
+item's representation after the textual encoding with its uncontextualized representation". The paper gives no
+exact construction; this module implements the transfer to decoder LMs described in methods.md section 4
+(**INFERRED** design choices, listed here):
+
+* The *uncontextualized* state of a span is its state when ``[BOS] + span tokens`` runs alone through the same
+  model. The span keeps the token ids it has inside the prompt (so a word keeps its leading-space token), which
+  makes the replacement token-for-token.
+* ``mode="isolated"``: the lone run uses positions ``0..n`` (BOS at 0, the span at 1..n), the cheapest reading of
+  "encoded alone". ``mode="original"``: BOS stays at position 0 and the span tokens get their original absolute
+  positions through ``position_ids`` (a position gap where the context was), which matters for absolute position
+  embeddings (GPT-2) and changes the BOS-to-span distance under RoPE.
+* Layers are residual-stream *state* indices ``l`` in ``[0, n_layers]``: state 0 is the embedding output (input
+  to block 0, HF ``hidden_states[0]``), state ``l >= 1`` is the output of block ``l - 1`` (HF ``hidden_states[l]``
+  except that state ``n_layers`` is the last block's output *before* the final norm). Replacing state ``l``
+  overwrites the span's rows of the residual stream there; the rest of the forward pass runs natively. A layer
+  range replaces the span at every state in the range, so it stays uncontextualized through those layers.
+* ``tokens="all"`` replaces every span token, ``tokens="last"`` only the last one (the paper found one or two
+  tokens carry an item).
+
+Spans are substrings or character ranges of the prompt, mapped to whole tokens through the tokenizer's offsets;
+a span boundary that cuts a token is an error naming the token. During ``generate`` only the prompt pass holds the
+span, so later tokens see the replaced states through the KV cache.
+
+Activation reading goes through :func:`hiddenlens.capture`; the replacement itself registers forward hooks on the
+blocks found through ``handle.adapter`` and removes them in ``finally``. Every replacement returns a
+:class:`ReplacementLog` of what it changed.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+
+from hiddenlens.probes.hf_hooks import forward_offset
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+MODES = ("isolated", "original")
+TOKEN_CHOICES = ("all", "last")
+
+
+@dataclass(frozen=True)
+class Span:
+    """A span of a prompt mapped to tokens.
+
+    ``input_ids`` are the prompt's ids (with BOS when it was added); the span is ``input_ids[token_start:token_end]``
+    at absolute positions ``token_start..token_end-1``; ``char_start:char_end`` is the span in ``prompt``.
+    """
+
+    prompt: str
+    char_start: int
+    char_end: int
+    token_start: int
+    token_end: int
+    input_ids: tuple[int, ...]
+
+    @property
+    def span_ids(self) -> list[int]:
+        return list(self.input_ids[self.token_start:self.token_end])
+
+    @property
+    def positions(self) -> list[int]:
+        return list(range(self.token_start, self.token_end))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+    @property
+    def text(self) -> str:
+        return self.prompt[self.char_start:self.char_end]
+
+
+@dataclass
+class ReplacementLog:
+    """What a replacement changed: per patched (forward pass, state) the number of rows overwritten and the
+    largest and mean L2 norm of the change ``|h_new - h_old|`` over those rows (same units as the residual)."""
+
+    layers: list[int]
+    positions: list[int]
+    events: list[dict] = field(default_factory=list)
+
+    @property
+    def n_patched(self) -> int:
+        return len(self.events)
+
+    def by_layer(self) -> dict[int, float]:
+        """Largest L2 change per state index over all patched forward passes."""
+        out: dict[int, float] = {}
+        for e in self.events:
+            out[e["layer"]] = max(out.get(e["layer"], 0.0), e["max_l2_change"])
+        return out
+
+
+def _check_handle(handle) -> None:
+    if handle.backend != "hf":
+        raise ValueError(f"token replacement hooks native transformers modules; load the model with backend='hf' "
+                         f"(this handle uses {handle.backend!r})")
+
+
+def parse_layers(layers, n_layers: int) -> list[int]:
+    """An int, an inclusive ``(start, stop)`` tuple, a ``"a-b"`` string or a list -> sorted state indices.
+
+    Valid state indices are ``0..n_layers`` (see the module docstring)."""
+    if isinstance(layers, int):
+        out = [layers]
+    elif isinstance(layers, str):
+        parts = [p.strip() for p in layers.split(",") if p.strip()]
+        out = []
+        for p in parts:
+            if "-" in p[1:]:
+                a, b = p.split("-", 1)
+                out += list(range(int(a), int(b) + 1))
+            else:
+                out.append(int(p))
+    elif isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
+        if layers[1] < layers[0]:
+            raise ValueError(f"layer range {layers} is empty: use (start, stop) with start <= stop (inclusive)")
+        out = list(range(layers[0], layers[1] + 1))
+    else:
+        out = [int(x) for x in layers]
+    if not out:
+        raise ValueError("no layers given: pass a state index in 0..n_layers, a (start, stop) range or a list")
+    bad = [x for x in out if not 0 <= x <= n_layers]
+    if bad:
+        raise ValueError(f"layer(s) {bad} out of range: residual states are 0 (embedding) .. {n_layers} "
+                         f"(output of the last block)")
+    return sorted(set(out))
+
+
+def state_site(layer: int) -> str:
+    """Capture site of residual state ``layer``: ``embed`` for 0, else ``blocks.{layer-1}.resid_post``."""
+    return "embed" if layer == 0 else f"blocks.{layer - 1}.resid_post"
+
+
+def prompt_ids(handle, prompt: str, add_bos: bool | None = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``prompt`` and each token's ``(char_start, char_end)``; special tokens get ``(0, 0)``.
+
+    BOS follows :meth:`ModelHandle.tokenize`'s rule, and the ids are checked against it."""
+    tok = handle.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise ValueError("span mapping needs a fast tokenizer (offset mapping); this tokenizer is not fast")
+    enc = tok(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    special = set(tok.all_special_ids)
+    offs = [(0, 0) if i in special else o for i, o in zip(ids, offs)]
+    bos = tok.bos_token_id
+    if add_bos and ids[:1] != [bos]:
+        ids, offs = [bos] + ids, [(0, 0)] + offs
+    elif add_bos is False and bos is not None and ids[:1] == [bos]:
+        ids, offs = ids[1:], offs[1:]
+    expected = handle.tokenize(prompt, add_bos=add_bos).input_ids[0].tolist()
+    if ids != expected:
+        raise RuntimeError("offset-mapped tokenization differs from handle.tokenize; cannot map spans exactly")
+    return ids, offs
+
+
+def locate_span(handle, prompt: str, span: str | tuple[int, int], add_bos: bool | None = True,
+                occurrence: int = 0) -> Span:
+    """Map ``span`` (a substring, its ``occurrence``-th match, or a ``(char_start, char_end)`` range) of ``prompt``
+    to whole tokens. Raises if the span is empty, missing, or cuts through a token (the message names it)."""
+    if not prompt:
+        raise ValueError("empty prompt")
+    if isinstance(span, str):
+        if not span:
+            raise ValueError("empty span: pass a non-empty substring of the prompt")
+        start = -1
+        for _ in range(occurrence + 1):
+            start = prompt.find(span, start + 1)
+            if start < 0:
+                raise ValueError(f"span {span!r} (occurrence {occurrence}) is not in the prompt {prompt!r}")
+        cs, ce = start, start + len(span)
+    else:
+        cs, ce = int(span[0]), int(span[1])
+        if not 0 <= cs < ce <= len(prompt):
+            raise ValueError(f"character range {span} is not a non-empty range inside the prompt (length "
+                             f"{len(prompt)})")
+    # Whitespace at the span edges belongs to no token boundary decision.
+    while cs < ce and prompt[cs].isspace():
+        cs += 1
+    while ce > cs and prompt[ce - 1].isspace():
+        ce -= 1
+    if cs == ce:
+        raise ValueError("the span holds only whitespace")
+    ids, offs = prompt_ids(handle, prompt, add_bos)
+    inside = []
+    for j, (s, e) in enumerate(offs):
+        chars = [c for c in range(s, e) if not prompt[c].isspace()]
+        if not chars:
+            continue
+        hit = [cs <= c < ce for c in chars]
+        if all(hit):
+            inside.append(j)
+        elif any(hit):
+            raise ValueError(f"the span {prompt[cs:ce]!r} cuts through token {j} "
+                             f"{handle.tokenizer.decode([ids[j]])!r} (chars {s}..{e}); widen the span to whole "
+                             f"tokens, e.g. {prompt[min(s, cs):max(e, ce)].strip()!r}")
+    if not inside:
+        raise ValueError(f"no token lies inside the span {prompt[cs:ce]!r}")
+    if inside != list(range(inside[0], inside[-1] + 1)):
+        raise RuntimeError(f"span tokens {inside} are not contiguous")
+    return Span(prompt, cs, ce, inside[0], inside[-1] + 1, tuple(ids))
+
+
+def isolated_inputs(handle, span: Span, mode: str = "isolated") -> tuple[list[int], list[int]]:
+    """Token ids ``[BOS] + span`` and their position ids for the lone run of ``span``."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    bos = handle.tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError("the uncontextualized run needs a BOS token; this tokenizer has no bos_token_id")
+    ids = [bos] + span.span_ids
+    if mode == "isolated":
+        return ids, list(range(len(ids)))
+    if span.token_start < 1:
+        raise ValueError("mode='original' needs the span to start at position >= 1 (BOS keeps position 0); "
+                         "tokenize the prompt with add_bos=True or use mode='isolated'")
+    return ids, [0] + span.positions
+
+
+def isolated_states(handle, span: Span, layers: Sequence[int], mode: str = "isolated") -> torch.Tensor:
+    """Uncontextualized states of the span tokens: ``[len(layers), span.n_tokens, d_model]`` (model dtype)."""
+    import hiddenlens as hl
+
+    _check_handle(handle)
+    layers = parse_layers(list(layers), handle.n_layers)
+    ids, pos = isolated_inputs(handle, span, mode)
+    position_ids = torch.tensor([pos], device=handle.device)
+    with hl.capture(handle, [state_site(l) for l in layers]) as cache:
+        handle.run([ids], add_bos=None, logits=False, position_ids=position_ids)
+    return torch.stack([cache[state_site(l)][0, 1:].clone() for l in layers])
+
+
+def _rows(positions: list[int], offset: int, length: int) -> tuple[list[int], list[int]]:
+    """Span-local and forward-local indices of the span positions that fall inside this forward."""
+    pairs = [(k, p - offset) for k, p in enumerate(positions) if offset <= p < offset + length]
+    return [k for k, _ in pairs], [j for _, j in pairs]
+
+
+@contextlib.contextmanager
+def replacement(handle, span: Span, layers, mode: str = "isolated", tokens: str = "all",
+                states: torch.Tensor | None = None) -> Iterator[ReplacementLog]:
+    """While the block runs, every forward pass of ``handle.hf_model`` over the span's prompt gets the span's
+    states replaced by their uncontextualized versions at each state index in ``layers``.
+
+    Forward passes whose input starts at position 0 must carry exactly the span's prompt (rows may repeat it,
+    e.g. several samples); decode steps of ``generate`` that do not cover the span are left alone. ``states``
+    (``[len(layers), n_tokens, d_model]``) skips recomputing :func:`isolated_states`. Yields the
+    :class:`ReplacementLog`, filled as passes run. A capture opened *inside* this block sees the replaced states.
+    """
+    _check_handle(handle)
+    if tokens not in TOKEN_CHOICES:
+        raise ValueError(f"tokens={tokens!r}: choose one of {TOKEN_CHOICES}")
+    layers = parse_layers(layers, handle.n_layers)
+    if states is None:
+        states = isolated_states(handle, span, layers, mode)
+    if states.shape[:2] != (len(layers), span.n_tokens) or states.shape[-1] != handle.adapter.d_model:
+        raise ValueError(f"states shape {tuple(states.shape)} != [layers={len(layers)}, tokens={span.n_tokens}, "
+                         f"d_model={handle.adapter.d_model}]")
+    keep = list(range(span.n_tokens)) if tokens == "all" else [span.n_tokens - 1]
+    positions = [span.positions[k] for k in keep]
+    new = {l: states[i, keep] for i, l in enumerate(layers)}
+    log = ReplacementLog(layers=list(layers), positions=positions)
+    model, adapter = handle.hf_model, handle.adapter
+    backbone = model.base_model if getattr(model, "base_model", None) is not None else model
+    current = {"offset": 0}
+    n_prompt = len(span.input_ids)
+
+    def on_forward(mod, args, kwargs):
+        current["offset"] = forward_offset(args, kwargs)[0]
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if current["offset"] == 0 and isinstance(ids, torch.Tensor) and ids.shape[-1] != n_prompt:
+            raise ValueError(f"this forward pass starts at position 0 with {ids.shape[-1]} tokens, but the span's "
+                             f"prompt has {n_prompt}; run the same prompt (no padding) inside replacement()")
+
+    def patch(layer: int, h: torch.Tensor) -> torch.Tensor:
+        k, j = _rows(positions, current["offset"], h.shape[1])
+        if not j:
+            return h
+        h = h.clone()
+        target = new[layer][k].to(h.dtype).to(h.device)
+        change = (h[:, j] - target).norm(dim=-1)
+        h[:, j] = target
+        log.events.append({"layer": layer, "offset": current["offset"], "rows": len(j) * h.shape[0],
+                           "max_l2_change": float(change.max()), "mean_l2_change": float(change.mean())})
+        return h
+
+    def make_pre(layer):
+        def pre(mod, args, kwargs):
+            if args:
+                return (patch(layer, args[0]),) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": patch(layer, kwargs["hidden_states"])}
+        return pre
+
+    def make_post(layer):
+        def post(mod, args, output):
+            if isinstance(output, tuple):
+                return (patch(layer, output[0]),) + tuple(output[1:])
+            return patch(layer, output)
+        return post
+
+    hooks = []
+    try:
+        hooks.append(backbone.register_forward_pre_hook(on_forward, with_kwargs=True))
+        for l in layers:
+            if l == 0:
+                hooks.append(adapter.block(model, 0).register_forward_pre_hook(make_pre(0), with_kwargs=True))
+            else:
+                hooks.append(adapter.block(model, l - 1).register_forward_hook(make_post(l)))
+        yield log
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@dataclass
+class ReplacedRun:
+    """Logits of the prompt before and after replacement, ``[pos, vocab]`` each, plus the log."""
+
+    span: Span
+    logits_before: torch.Tensor
+    logits_after: torch.Tensor
+    log: ReplacementLog
+
+
+def run_replaced(handle, prompt: str, span: str | tuple[int, int] | Span, layers, mode: str = "isolated",
+                 tokens: str = "all", add_bos: bool | None = True) -> ReplacedRun:
+    """One forward pass of ``prompt`` without and with the replacement of ``span`` at ``layers``."""
+    sp = span if isinstance(span, Span) else locate_span(handle, prompt, span, add_bos)
+    ids = [list(sp.input_ids)]
+    with torch.inference_mode():
+        before = handle.run(ids, add_bos=None).logits[0]
+        with replacement(handle, sp, layers, mode, tokens) as log:
+            after = handle.run(ids, add_bos=None).logits[0]
+    return ReplacedRun(sp, before, after, log)
+
+
+def generate_replaced(handle, span: Span, layers, mode: str = "isolated", tokens: str = "all",
+                      n: int = 1, max_new_tokens: int = 20, do_sample: bool = False, seed: int = 0,
+                      replace: bool = True, **kwargs):
+    """Continue ``span.prompt`` ``n`` times with (``replace=True``) or without the replacement.
+
+    Sampling is seeded with ``seed`` so a run with and one without replacement draw the same random numbers.
+    Returns ``(GenerationOutput, ReplacementLog | None)``; the ``n`` rows all hold the same prompt."""
+    ids = [list(span.input_ids)] * n
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        if not replace:
+            return handle.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, add_bos=None,
+                                   **kwargs), None
+        with replacement(handle, span, layers, mode, tokens) as log:
+            gen = handle.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, add_bos=None, **kwargs)
+    return gen, log
+
+
+@dataclass
+class ReplacementComparison:
+    """For the dashboard: next-token top-k before/after (``table``: token, p_before, p_after), the KL between the
+    two next-token distributions (nats), greedy continuations before/after, and the replacement log."""
+
+    span: Span
+    table: "pd.DataFrame"
+    kl_after_before: float
+    continuation_before: str
+    continuation_after: str
+    log: ReplacementLog
+
+
+def compare_replacement(handle, prompt: str, span: str | tuple[int, int], layers, mode: str = "isolated",
+                        tokens: str = "all", add_bos: bool | None = True, top_k: int = 10,
+                        max_new_tokens: int = 20) -> ReplacementComparison:
+    """Next-token distribution and greedy continuation of ``prompt`` before and after replacing ``span``."""
+    import pandas as pd
+
+    res = run_replaced(handle, prompt, span, layers, mode, tokens, add_bos)
+    lp_b = torch.log_softmax(res.logits_before[-1].float(), -1)
+    lp_a = torch.log_softmax(res.logits_after[-1].float(), -1)
+    kl = float((lp_a.exp() * (lp_a - lp_b)).sum())
+    top = torch.unique(torch.cat([lp_b.topk(top_k).indices, lp_a.topk(top_k).indices]))
+    table = pd.DataFrame({"token_id": top.tolist(),
+                          "token": [handle.tokenizer.decode([int(t)]) for t in top],
+                          "p_before": lp_b[top].exp().tolist(), "p_after": lp_a[top].exp().tolist()})
+    table = table.sort_values("p_before", ascending=False, ignore_index=True)
+    before, _ = generate_replaced(handle, res.span, layers, mode, tokens, max_new_tokens=max_new_tokens,
+                                  replace=False)
+    after, log = generate_replaced(handle, res.span, layers, mode, tokens, max_new_tokens=max_new_tokens)
+    return ReplacementComparison(res.span, table, kl, before.texts[0], after.texts[0], log)

@@ -1,0 +1,177 @@
+"""The ``transformer_lens`` backend: a TransformerBridge over the handle's weights, captured through its hook points.
+
+``wrap_transformer_lens`` builds the bridge with raw Hugging Face numerics (no LayerNorm folding, no weight
+centring: TransformerLens' default for bridges; ``enable_compatibility_mode()`` is never called). Two things
+differ from ``TransformerBridge.boot_transformers(name, hf_model=...)``, on purpose:
+
+* The bridge **replaces the submodules of the model it wraps** (decoder layers become ``BlockBridge``, linears
+  ``LinearBridge``...) and forces eager attention on it. So that ``handle.hf_model`` stays a plain transformers
+  model (its SDPA kernels, its PyTorch-hook capture path and every other consumer unchanged), the bridge wraps a
+  *structural clone*: new module objects that share every parameter and buffer tensor with ``handle.hf_model``
+  (no weight is copied or reloaded; ``bridge.original_model`` is the clone).
+* transformers 5 passes the KV cache to attention modules as ``cache=``, which the bridge's attention (written
+  for ``past_key_values=``) ignores, so cached decoding would attend to the new token alone. A forward pre-hook
+  on each bridged attention module (the clone's, installed once here) passes it under both names.
+* ``boot_transformers`` re-loads the tokenizer by name from the hub (offline that fails, and for in-memory
+  tokenizers it cannot work), so we call the builder it uses underneath (``build_bridge_from_module``) and hand
+  the bridge the handle's own tokenizer.
+
+``attach_tl`` registers plain PyTorch forward hooks on the bridge's ``HookPoint`` modules of the requested sites
+(one hook per hook point, our own handles, removed in ``finally``), so it never touches hooks that user code
+added through TransformerLens (``add_hook`` / ``run_with_hooks``).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Callable
+
+import torch
+
+from .hf_hooks import forward_offset
+from .sites import Site
+
+#: our block site kind -> the bridge's hook point (relative to ``blocks.{i}``)
+_BLOCK_HOOKS = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "attn.q": "attn.hook_q",
+    "attn.k": "attn.hook_k",
+    "attn.v": "attn.hook_v",
+    "attn.z": "attn.hook_z",
+    "attn.scores": "attn.hook_attn_scores",
+    "attn.pattern": "attn.hook_pattern",
+    "attn.out": "hook_attn_out",
+    "mlp.pre": "mlp.hook_pre",
+    "mlp.post": "mlp.hook_post",
+    "mlp.out": "hook_mlp_out",
+}
+#: global sites -> hook point. ``embed`` is the input of block 0 (token + position embedding for GPT-2).
+_GLOBAL_HOOKS = {"embed": "blocks.0.hook_resid_pre", "final_norm": "ln_final.hook_out", "logits": "unembed.hook_out"}
+
+
+def hook_name(site: Site) -> str:
+    """The TransformerBridge hook point that carries ``site`` (e.g. ``blocks.3.attn.hook_z``)."""
+    if site.layer is None:
+        return _GLOBAL_HOOKS[site.kind]
+    return f"blocks.{site.layer}.{_BLOCK_HOOKS[site.kind]}"
+
+
+def _canonical(site: Site, n_heads: int, n_kv_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Bridge layout -> our layout. Per-head q/k/v/z come as ``[batch, pos, head, d]``; we use ``[batch, head, pos, d]``."""
+    if site.kind not in ("attn.q", "attn.k", "attn.v", "attn.z"):
+        return lambda t: t
+    heads = n_kv_heads if site.kind in ("attn.k", "attn.v") else n_heads
+
+    def to_heads(t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 3:  # [batch, pos, heads * d]
+            t = t.view(t.shape[0], t.shape[1], heads, -1)
+        return t.transpose(1, 2)
+    return to_heads
+
+
+def _structural_clone(model: torch.nn.Module) -> torch.nn.Module:
+    """New module objects sharing every parameter and buffer tensor of ``model`` (no weight memory is used)."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
+
+
+def wrap_transformer_lens(handle):
+    """A ``TransformerBridge`` over ``handle``'s weights (raw HF numerics, eager attention), with its tokenizer.
+
+    Returns the bridge; ``bridge.original_model`` is a clone of ``handle.hf_model`` sharing its tensors, so
+    ``handle.hf_model`` itself keeps its modules and attention implementation.
+    """
+    try:
+        from transformer_lens.model_bridge.sources._bridge_builder import (build_bridge_from_module,
+                                                                           detect_tokenizer_bos_eos)
+        from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+        from transformer_lens.utilities.attn_implementation import force_eager_attention
+    except ImportError as exc:
+        raise ImportError(f"backend='transformer_lens' needs transformer-lens >= 3 with TransformerBridge "
+                          f"({exc}); `pip install 'transformer-lens>=4'` or use backend='hf'") from exc
+    clone = _structural_clone(handle.hf_model)
+    force_eager_attention(clone)
+    try:
+        arch = determine_architecture_from_hf_config(clone.config)
+    except ValueError as exc:
+        raise ValueError(f"TransformerLens has no bridge for {type(handle.hf_model).__name__} ({exc}); "
+                         "use backend='hf' or backend='nnsight' for this model") from exc
+    bridge = build_bridge_from_module(clone, arch, hf_config=copy.deepcopy(clone.config), tokenizer=None,
+                                      model_name=handle.spec, dtype=handle.dtype, device=handle.device)
+    bridge.tokenizer = handle.tokenizer  # first assignment: no re-configuration of the shared tokenizer
+    bridge.cfg.tokenizer_prepends_bos, bridge.cfg.tokenizer_appends_eos = detect_tokenizer_bos_eos(handle.tokenizer)
+    for block in bridge.blocks:
+        block.attn.register_forward_pre_hook(_cache_alias, with_kwargs=True)
+    bridge.eval()
+    return bridge
+
+
+def _cache_alias(module, args, kwargs):
+    """transformers 5 hands attention its KV cache as ``cache=``; the bridge's attention reads ``past_key_values``.
+
+    Without this alias every cached decode step of ``generate`` would attend to the new token alone.
+    """
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+    return None
+
+
+def _begin(capture) -> Callable:
+    def pre(module, args, kwargs):
+        offset, mask = forward_offset(args, kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if mask is not None and isinstance(ids, torch.Tensor) and ids.ndim == 2:
+            offset = mask.shape[1] - ids.shape[1]  # the 2-D mask spans cached + new tokens during generate
+        capture.begin_forward(offset, mask)
+    return pre
+
+
+def attach_tl(handle, capture) -> Callable[[], None]:
+    """Hook the bridge's hook points for ``capture.sites``; return the function that removes exactly those hooks."""
+    bridge, a = handle.model, handle.adapter
+    by_point: dict[str, list[tuple[Site, Callable]]] = {}
+    for site in capture.sites:
+        name = hook_name(site)
+        if name not in bridge.hook_dict:
+            raise KeyError(f"the TransformerBridge of this model has no hook point {name!r} for site {site.name}; "
+                           "use backend='hf' for this site")
+        by_point.setdefault(name, []).append((site, _canonical(site, a.n_heads, a.n_kv_heads)))
+    handles = []
+    try:
+        backbone = bridge.original_model.base_model
+        handles.append(backbone.register_forward_pre_hook(_begin(capture), with_kwargs=True))
+        for name, entries in by_point.items():
+            def hook(module, args, output, entries=entries):
+                for site, to_ours in entries:
+                    capture.record(site, to_ours(output))
+            handles.append(bridge.hook_dict[name].register_forward_hook(hook))
+    except BaseException:
+        for h in handles:
+            h.remove()
+        raise
+
+    def detach() -> None:
+        for h in handles:
+            h.remove()
+    return detach
+
+
+def tl_forward(handle, batch, logits: bool = True, **kwargs):
+    """Run the bridge on a :class:`Batch`; returns logits ``[batch, pos, vocab]`` (None with ``logits=False``).
+
+    Positions come from the attention mask (:func:`hiddenlens.models.backends.position_ids`), like the other
+    backends.
+    """
+    from hiddenlens.models.backends import position_ids
+
+    kwargs.setdefault("position_ids", position_ids(batch.attention_mask))
+    out = handle.model(batch.input_ids, attention_mask=batch.attention_mask,
+                       return_type="logits" if logits else None, **kwargs)
+    return out if logits else None
+
+
+def generation_model(handle) -> torch.nn.Module:
+    """The transformers model whose ``generate`` runs through the bridge's hook points (the bridged clone)."""
+    return handle.model.original_model

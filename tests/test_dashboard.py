@@ -1,0 +1,330 @@
+"""Dashboard tests: every page under Streamlit's AppTest on tiny-llama, plus the pure helpers behind them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+import hiddenlens.dashboard
+from hiddenlens.dashboard import attention, modelstore, results
+
+APP = str(Path(hiddenlens.dashboard.__file__).parent / "app.py")
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches(monkeypatch, tmp_path):
+    """Each test starts with no model and no cached result (Streamlit's caches are process-global)."""
+    _navigation_not_pages_dir(monkeypatch)
+    monkeypatch.setenv(modelstore.MODEL_ENV, "tiny-llama")
+    monkeypatch.setenv(modelstore.RUNS_ENV, str(tmp_path / "runs"))
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    modelstore.clear()
+    yield
+    st.cache_resource.clear()
+    modelstore.clear()
+
+
+def _navigation_not_pages_dir(monkeypatch):
+    """AppTest (Streamlit 1.67) builds a new PagesManager for every run, which re-detects ``dashboard/pages/`` as an
+    old-style pages folder; its reruns then execute the page script alone, without the entry point (no sidebar),
+    before app.py can switch that mode off (app.py does so for the real server). Keep the mode off here too; the
+    browser test covers the real server."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    init = PagesManager.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", patched)
+
+
+def run_page(page: str | None = None, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    for k, v in state.items():
+        at.session_state[k] = v
+    at.run()
+    if page is not None:
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def plotly_specs(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception
+    assert [e.value for e in at.error] == []
+
+
+# ---- pages ---------------------------------------------------------------------------------------------------
+def test_overview_shows_model_card_and_sites():
+    at = run_page()
+    no_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Model"] == "tiny-llama"
+    assert metrics["Device"] == "cpu" and metrics["Precision"] == "float32" and metrics["Backend"] == "hf"
+    arch = at.dataframe[0].value
+    assert arch.loc[0, "n_layers"] == 4 and arch.loc[0, "n_kv_heads"] == 2
+    handle = modelstore.get_model(modelstore.ModelKey("tiny-llama"))
+    assert list(at.dataframe[1].value["site"]) == handle.site_names()
+    assert "tiny-llama" in at.sidebar.caption[0].value and "cpu" in at.sidebar.caption[0].value
+
+
+def test_dynamics_heatmap_follows_controls():
+    at = run_page("dynamics")
+    no_errors(at)
+    heat = plotly_specs(at)[0]["data"][0]
+    assert heat["type"] == "heatmap" and heat["y"] == ["embed", "L0", "L1", "L2", "L3"]
+    n_tokens = len(heat["x"])
+    assert heat["text"][0][0]  # top token written in the cells
+    at.slider(key="dyn_positions").set_value(4).run()
+    no_errors(at)
+    heat = plotly_specs(at)[0]["data"][0]
+    assert len(heat["x"]) == min(4, n_tokens)
+    at.selectbox(key="dyn_stat").set_value("kl_final").run()
+    spec = plotly_specs(at)[0]
+    assert "KL" in spec["layout"]["title"]["text"]
+    assert "lens first agrees with it at" in at.markdown[0].value
+
+
+def test_dynamics_tuned_lens_from_a_file(tmp_path):
+    from hiddenlens.analyses.tuned_lens import TunedLens
+
+    handle = modelstore.get_model(modelstore.ModelKey("tiny-llama"))
+    TunedLens.for_model(handle).save(tmp_path / "lens.safetensors")  # zero-initialised: equals the logit lens
+    at = run_page("dynamics")
+    logit = plotly_specs(at)[0]["data"][0]
+    at.radio(key="dyn_lens").set_value("tuned").run()
+    at.text_input(key="dyn_tuned_path").input(str(tmp_path / "lens.safetensors")).run()
+    no_errors(at)
+    tuned = plotly_specs(at)[0]
+    assert tuned["layout"]["title"]["text"].startswith("tuned lens")
+    assert tuned["data"][0]["text"] == logit["text"], "an untrained tuned lens reads out like the logit lens"
+    at.text_input(key="dyn_tuned_path").input(str(tmp_path / "missing.safetensors")).run()
+    assert not at.exception and "no tuned lens at" in at.error[0].value
+
+
+def test_sinks_pick_a_head_shows_its_pattern():
+    at = run_page("sinks")
+    no_errors(at)
+    grid = plotly_specs(at)[0]["data"][0]
+    assert grid["type"] == "scatter" and grid["marker"]["symbol"] == "square"
+    at.selectbox(key="sink_layer").set_value(2).run()
+    at.selectbox(key="sink_head").set_value(3).run()
+    no_errors(at)
+    assert at.metric[0].label == "Dormancy of L2H3"
+    assert 0.0 <= float(at.metric[0].value) <= 1.0
+    pattern = plotly_specs(at)[1]
+    assert pattern["data"][0]["type"] == "heatmap" and "L2H3" in pattern["layout"]["title"]["text"]
+    at.selectbox(key="sink_metric").set_value("value_ratio").run()
+    assert "value norm ratio" in plotly_specs(at)[0]["layout"]["title"]["text"]
+    at.toggle(key="sink_domains").set_value(True).run()
+    no_errors(at)
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert "Dormancy on prose" in titles and "Dormancy on code" in titles
+    assert {"dormancy_prose", "dormancy_code", "diff"} <= set(at.dataframe[0].value.columns)
+
+
+def _write_report(folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hiddenlens.analyses.report import ReportFolder
+
+    rep = ReportFolder(folder)
+    rep.summary({"model": "tiny-llama", "auroc": 0.75})
+    rep.table("per_layer", pd.DataFrame({"layer": [0, 1, 2], "auroc": [0.5, 0.6, 0.75]}))
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1, 2], [0.5, 0.6, 0.75])
+    rep.figure("auroc_by_layer", fig)
+    rep.markdown("# Truth probe\n\nBest layer: **2**.")
+
+
+def test_results_page_loads_a_report_folder(tmp_path):
+    folder = tmp_path / "runs" / "truth-probe"
+    _write_report(folder)
+    at = run_page("results")
+    assert at.selectbox(key="res_found").options == [str(folder)]  # found under the runs folder
+    at.text_input(key="res_path").input(str(folder)).run()
+    no_errors(at)
+    table = at.dataframe[0].value
+    assert list(table["auroc"]) == [0.5, 0.6, 0.75]
+    assert any("Best layer" in m.value for m in at.markdown)
+    assert at.get("image"), "the PNG figure is shown"
+    assert at.json[0].value and json.loads(at.json[0].value)["auroc"] == 0.75
+
+
+def test_results_page_shows_errors_for_bad_paths(tmp_path):
+    at = run_page("results")
+    at.text_input(key="res_path").input(str(tmp_path / "missing")).run()
+    assert not at.exception
+    assert "does not exist" in at.error[0].value
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "table.parquet").write_bytes(b"not parquet at all")
+    at.text_input(key="res_path").input(str(broken)).run()
+    assert not at.exception
+    assert "holds no results" in at.error[0].value and "table.parquet" in at.error[0].value
+    (broken / "summary.json").write_text('{"ok": 1}')
+    at.text_input(key="res_path").input(str(broken) + " ").run()  # new path string: re-read
+    assert not at.exception and not at.error
+    assert "table.parquet could not be read" in at.warning[0].value
+
+
+def test_switching_model_frees_the_previous_one():
+    at = run_page()
+    first = modelstore.get_model(modelstore.ModelKey("tiny-llama"))
+    at.sidebar.selectbox(key="pick_kind").select_index(2).run()  # options have display labels
+    no_errors(at)
+    assert {m.label: m.value for m in at.metric}["Model"] == "tiny-gpt2"
+    assert first.hf_model is None, "the old model was unloaded before the new one loaded"
+
+
+def test_bad_model_spec_is_an_error_on_the_page(tmp_path):
+    at = run_page()
+    at.sidebar.selectbox(key="pick_kind").select_index(3).run()  # "Local folder or hub id"
+    at.sidebar.text_input(key="pick_custom").input(str(tmp_path / "no-such-model")).run()
+    assert not at.exception
+    assert "Could not load" in at.sidebar.error[0].value
+    assert "No model is loaded" in at.warning[0].value
+
+
+def test_intention_prompt_entropy_and_a_loaded_run(tmp_path):
+    from hiddenlens.analyses.report import ReportFolder
+
+    at = run_page("intention")
+    no_errors(at)
+    metrics = {m.label: float(m.value) for m in at.metric}
+    assert 0 < metrics["H_int of the prompt (top-100, bits)"] <= np.log2(100) + 1e-6
+    assert 0 < metrics["H_int, full vocabulary (bits)"] <= np.log2(512) + 1e-6
+    rep = ReportFolder(tmp_path / "intention")
+    rep.table("regimes", pd.DataFrame({
+        "regime": ["direct", "cot"], "accuracy": [0.2, 0.5], "accuracy_ci_low": [0.1, 0.3],
+        "accuracy_ci_high": [0.4, 0.7], "h_int_bits": [3.0, 1.5], "h_int_ci_low": [2.5, 1.0],
+        "h_int_ci_high": [3.5, 2.0], "recov_auroc": [0.6, 0.7], "recov_ci_low": [0.5, 0.6],
+        "recov_ci_high": [0.7, 0.8]}))
+    rep.table("dims", pd.DataFrame({"regime": ["direct"] * 2 + ["cot"] * 2, "state": "pre", "layer": [2, 3, 2, 3],
+                                    "participation_ratio": [4.0, 5.0, 3.0, 3.5]}))
+    at.text_input(key="int_path").input(str(tmp_path / "intention")).run()
+    no_errors(at)
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert titles[:3] == ["Accuracy (Wilson 95% CI)", "H_int (bootstrap 95% CI)",
+                          "Recov: AUROC of correctness from the states"]
+    dims = plotly_specs(at)[3]
+    assert [t["name"] for t in dims["data"]] == ["cot", "direct"] and dims["data"][0]["x"] == ["L2", "L3"]
+    at.text_input(key="int_path").input(str(tmp_path)).run()  # a folder that is not an intention run
+    assert not at.exception and "Cannot open this run" in at.error[0].value
+
+
+def test_intention_live_regimes_on_a_small_set():
+    at = run_page("intention")
+    at.radio(key="int_source").set_value("Compute live on a small set").run()
+    at.slider(key="int_n").set_value(4).run()
+    at.multiselect(key="int_regimes").set_value(["direct", "cot"]).run()
+    at.slider(key="int_budget").set_value(4).run()
+    at.toggle(key="int_run").set_value(True).run()
+    no_errors(at)
+    table = at.dataframe[0].value
+    assert list(table["regime"]) == ["direct", "cot"] and (table["n"] == 4).all()
+    assert ((0 <= table["accuracy"]) & (table["accuracy"] <= 1)).all()
+
+
+def _truth_run(folder: Path) -> None:
+    import torch
+
+    from hiddenlens.analyses.report import ReportFolder
+    from hiddenlens.analyses.truth import Direction
+
+    rep = ReportFolder(folder)
+    rep.table("layers", pd.DataFrame({"layer": [0, 1, 2, 3] * 2, "method": ["mass_mean"] * 4 + ["probe"] * 4,
+                                      "auroc": [0.5, 0.6, 0.7, 0.65, 0.55, 0.6, 0.75, 0.7]}))
+    rep.table("projections", pd.DataFrame({"text": ["a.", "b."], "label": [1, 0], "projection": [1.0, -1.0]}))
+    rep.summary({"best_layer": 2})
+    u = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)
+    Direction(u, sigma=1.0, layer=2, method="mass_mean", model="tiny-llama").save(folder / "direction_mass_mean")
+
+
+def test_truth_loaded_run_and_alpha_changes_the_steered_text(tmp_path):
+    _truth_run(tmp_path / "truth")
+    at = run_page("truth")
+    at.text_input(key="truth_path").input(str(tmp_path / "truth")).run()
+    no_errors(at)
+    specs = plotly_specs(at)
+    assert "AUROC per layer" in specs[0]["layout"]["title"]["text"]
+    assert [t["name"] for t in specs[1]["data"]] == ["false", "true"]
+    html = [h.proto.body for h in at.get("html")]
+    assert len(html) == 2 and "p_true" in html[0]
+    at.slider(key="truth_alpha").set_value(0.0).run()
+    texts = at.dataframe[0].value.iloc[0]
+    assert texts["plain"] == texts["steered"], "alpha = 0 leaves generation unchanged"
+    at.slider(key="truth_alpha").set_value(20.0).run()
+    no_errors(at)
+    texts = at.dataframe[0].value.iloc[0]
+    assert texts["plain"] != texts["steered"], "a large alpha changes the greedy continuation"
+
+
+def test_leakage_layer_range_and_span():
+    at = run_page("leakage")
+    no_errors(at)
+    at.selectbox(key="leak_span").set_value("France").run()
+    at.slider(key="leak_layers").set_value((1, 3)).run()
+    no_errors(at)
+    assert any("*France* replaced at states 1-3" in m.value for m in at.markdown)
+    metrics = {m.label: m.value for m in at.metric}
+    assert float(metrics["KL(after || before), next token"].split()[0]) >= 0
+    bars = plotly_specs(at)[0]
+    assert [t["name"] for t in bars["data"]] == ["before", "after"]
+
+
+def test_iteration_threshold_controls_what_is_iterated():
+    at = run_page("iteration")
+    no_errors(at)
+    at.slider(key="iter_threshold_entropy").set_value(0.0).run()
+    assert {m.label: m.value for m in at.metric}["Tokens iterated"] == "100%"
+    at.slider(key="iter_threshold_entropy").set_value(8.0).run()  # above ln(512): nothing is that uncertain
+    no_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Tokens iterated"] == "0%" and metrics["Fixes"] == "0" and metrics["Breaks"] == "0"
+    assert metrics["Accuracy first pass"] == metrics["Accuracy after"]
+
+
+# ---- pure helpers and the launcher ---------------------------------------------------------------------------
+def test_head_grid_and_pool():
+    heads = pd.DataFrame({"layer": [1, 0, 1, 0], "head": [0, 1, 1, 0], "dormancy": [0.3, 0.2, 0.4, 0.1]})
+    assert attention.head_grid(heads, "dormancy").tolist() == [[0.1, 0.2], [0.3, 0.4]]
+    pooled, factor = attention.pool(np.ones((2, 3, 130, 130)), 64)
+    assert factor == 3 and pooled.shape == (2, 3, 44, 44)
+    assert pooled[0, 0, 0, 0] == 1.0
+
+
+def test_find_checkpoints_and_report_folders(tmp_path):
+    (tmp_path / "a" / "step-100").mkdir(parents=True)
+    (tmp_path / "a" / "step-100" / "hiddenlens_model.json").write_text('{"kind": "x"}')
+    (tmp_path / "b").mkdir()
+    assert modelstore.find_checkpoints(tmp_path) == [str(tmp_path / "a" / "step-100")]
+    assert modelstore.find_checkpoints(tmp_path / "nope") == []
+    (tmp_path / "b" / "summary.json").write_text("{}")
+    assert results.find_report_folders(tmp_path) == [str(tmp_path / "b")]
+
+
+def test_dashboard_command_binds_localhost_with_safe_settings():
+    from hiddenlens.cli.dashboard import app_path, streamlit_command
+
+    argv, env = streamlit_command("tiny-llama", port=8600)
+    assert argv[argv.index("run") + 1] == str(app_path()) and app_path().is_file()
+    for flag in ("--server.address=127.0.0.1", "--server.port=8600", "--server.enableXsrfProtection=true",
+                 "--browser.gatherUsageStats=false", "--server.fileWatcherType=none", "--server.maxUploadSize=16"):
+        assert flag in argv
+    assert env[modelstore.MODEL_ENV] == "tiny-llama"
