@@ -183,7 +183,7 @@ class SinkAnalysis:
 
 
 class _Accumulator:
-    def __init__(self, n_layers: int, n_heads: int, width: int, tokenizer):
+    def __init__(self, n_layers: int, n_heads: int, width: int, tokenizer, count_layer: int):
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         self.L, self.H = n_layers, n_heads
         self.sums = {k: z(n_layers, n_heads) for k in (
@@ -194,6 +194,7 @@ class _Accumulator:
         self.resid = {k: z(n_layers) for k in ("first", "max_other", "mean_other", "n")}
         self.other_tokens = [[Counter() for _ in range(n_heads)] for _ in range(n_layers)]
         self.tokenizer = tokenizer
+        self.count_layer = count_layer  # the layer whose forwards count prompts per key position
         self.start = self.ids = None
 
     def pattern(self, layer: int, p: torch.Tensor) -> None:
@@ -206,7 +207,7 @@ class _Accumulator:
         s["n_prompts"][layer] += p.shape[0]
         w = min(r["mass"].shape[-1], self.mass.shape[-1])
         self.mass[layer, :, :w] += r["mass"][:, :, :w].sum(0).double().cpu()
-        if layer == 0:
+        if layer == self.count_layer:
             n = (self.ids.shape[1] - self.start)
             self.mass_n[:w] += (torch.arange(w)[None] < n[:, None]).sum(0).double()
         pos = (self.start[:, None].to(r["other_pos"].device) + r["other_pos"]).cpu()
@@ -309,7 +310,7 @@ def sink_analysis(handle, prompts, add_bos: bool = True, max_tokens: int | None 
     rows = prepare_prompts(handle, prompts, add_bos, max_tokens)
     layer_ids = _layer_list(handle, layers)
     width = max(len(r) for r in rows)
-    acc = _Accumulator(handle.adapter.n_layers, handle.adapter.n_heads, width, handle.tokenizer)
+    acc = _Accumulator(handle.adapter.n_layers, handle.adapter.n_heads, width, handle.tokenizer, layer_ids[0])
     w_o = {i: o_proj_matrix(handle, i) for i in layer_ids}
 
     def reduce(name: str, t: torch.Tensor):

@@ -1,24 +1,17 @@
 """hiddenlens dashboard: ``streamlit run`` entry point (``hiddenlens dashboard`` starts it).
 
-The sidebar (model picker, device, prompt) is shared; each page lives in ``pages/`` and calls ``backend`` only.
+The sidebar (model picker, device, prompt) is shared; each page lives in ``views/`` and calls ``backend`` only.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
 
 from hiddenlens.dashboard import sidebar
 
-PAGES = Path(__file__).parent / "pages"
+PAGES = Path(__file__).parent / "views"  # not "pages/": Streamlit would treat that as an old-style multipage app
 
-if PagesManager.uses_pages_directory:
-    # Streamlit takes a ``pages/`` folder beside the entry script for an old-style multipage app and runs the first
-    # script pass in that mode; widget ids then change on the next pass, so the sidebar's values (model, prompt)
-    # would reset once. This app uses st.navigation only: switch the mode off and start the pass again.
-    PagesManager.uses_pages_directory = False
-    st.rerun()
 st.set_page_config(page_title="hiddenlens", layout="wide")
 sidebar.render()
 st.navigation([

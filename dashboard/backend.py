@@ -196,6 +196,8 @@ def iteration(key: ModelKey, prompt: str, decider: str = "entropy", threshold: f
     ids = handle.tokenize([prompt]).input_ids[0].tolist()
     res = iterate_teacher_forced(handle, ids, _decider(decider, threshold), max_iter=max_iter)
     table = token_table(handle, res, "entropy" if decider == "entropy" else "mlp")
+    for col in ("token", "target", "pred_first", "pred_final"):  # tokenizer pieces (e.g. "Ġthe") -> text
+        table[col] = [handle.tokenizer.convert_tokens_to_string([t]) for t in table[col]]
     return table, summarize(table)
 
 

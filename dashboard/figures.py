@@ -4,13 +4,16 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from .lens import token_strings_from_text
+
 STAT_LABELS = {"top_prob": "top-1 probability", "entropy": "entropy (nats)", "kl_final": "KL to final layer (nats)",
                "norm": "residual norm"}
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), template="plotly_white")
 
 
 def position_labels(tokens: list[str]) -> list[str]:
-    return [f"{i}:{t}" for i, t in enumerate(tokens)]
+    """Unique axis labels ``"i:token"``, whitespace made visible."""
+    return [f"{i}:{t}" for i, t in enumerate(token_strings_from_text(tokens))]
 
 
 def lens_heatmap(view, stat: str = "entropy", max_cells_with_text: int = 1200) -> go.Figure:

@@ -57,17 +57,26 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def backend_forward(handle, batch, logits: bool = True, **kwargs):
-    """One forward over a :class:`Batch`; returns logits ``[batch, pos, vocab]`` or None."""
+    """One forward over a :class:`Batch`; returns logits ``[batch, pos, vocab]`` or None.
+
+    Runs without autograd unless a capture with ``grad=True`` is active on the handle.
+    """
+    from hiddenlens.probes.active import active_captures
+
+    grad = torch.is_grad_enabled() and any(c.grad for c in active_captures(handle))
+    with torch.enable_grad() if grad else torch.no_grad():
+        return _forward(handle, batch, logits, **kwargs)
+
+
+def _forward(handle, batch, logits: bool, **kwargs):
     if handle.backend == "hf":
-        kwargs.setdefault("position_ids", position_ids(batch.attention_mask))
-        with torch.no_grad() if not torch.is_grad_enabled() else torch.enable_grad():
-            kwargs.setdefault("position_ids", batch.position_ids)
-            if logits:
-                return handle.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       use_cache=False, **kwargs).logits
-            handle.hf_model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       use_cache=False, **kwargs)
-            return None
+        kwargs.setdefault("position_ids", batch.position_ids)
+        if logits:
+            return handle.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   use_cache=False, **kwargs).logits
+        handle.hf_model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   use_cache=False, **kwargs)
+        return None
     if handle.backend == "transformer_lens":
         from hiddenlens.probes.tl_hooks import tl_forward
         return tl_forward(handle, batch, logits=logits, **kwargs)

@@ -187,16 +187,21 @@ def test_bench_capture_cli_writes_every_contender(tmp_path):
     import hiddenlens.cli.bench_capture  # noqa: F401  (registers the command)
 
     out = tmp_path / "capture.json"
-    res = CliRunner().invoke(app, ["bench", "capture", "--model", "tiny-llama", "--batch", "2", "--tokens", "8",
-                                   "--reps", "1", "--pattern-layer", "-1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, ["bench", "capture", "--model", "tiny-llama", "--batch", "2", "--tokens", "8",
+                                       "--reps", "1", "--pattern-layer", "-1", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
-    assert result["pattern_layer"] == 3 and result["reps"] == 1
+    assert result["pattern_layer"] == 3 and result["reps"] == 1 and result["torch_threads"] == 1
     for scenario, names in SCENARIOS.items():
-        assert list(result["seconds"][scenario]) == list(names)
-        assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"][scenario].values())
-        assert result["ratio_to_plain"][scenario]["plain"] == 1.0
-    assert set(result["goal"]) == {"resid_capture_within_1.05x_plain", "faster_than_transformer_lens",
+        for clock in ("seconds", "cpu_seconds"):
+            assert list(result[clock][scenario]) == list(names)
+            assert all(len(v) == 1 and v[0] > 0 for v in result[clock][scenario].values())
+        assert result["ratio_to_plain"][scenario]["plain"] == result["cpu_ratio_to_plain"][scenario]["plain"] == 1.0
+    assert set(result["goal"]) == set(result["goal_cpu"]) == {"resid_capture_within_1.05x_plain", "faster_than_transformer_lens",
                                    "faster_than_nnsight"}
     bad = CliRunner().invoke(app, ["bench", "capture", "--model", "tiny-llama", "--pattern-layer", "9",
                                    "--out", str(out)])

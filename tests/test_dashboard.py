@@ -19,7 +19,6 @@ APP = str(Path(hiddenlens.dashboard.__file__).parent / "app.py")
 @pytest.fixture(autouse=True)
 def fresh_caches(monkeypatch, tmp_path):
     """Each test starts with no model and no cached result (Streamlit's caches are process-global)."""
-    _navigation_not_pages_dir(monkeypatch)
     monkeypatch.setenv(modelstore.MODEL_ENV, "tiny-llama")
     monkeypatch.setenv(modelstore.RUNS_ENV, str(tmp_path / "runs"))
     st.cache_resource.clear()
@@ -30,29 +29,13 @@ def fresh_caches(monkeypatch, tmp_path):
     modelstore.clear()
 
 
-def _navigation_not_pages_dir(monkeypatch):
-    """AppTest (Streamlit 1.67) builds a new PagesManager for every run, which re-detects ``dashboard/pages/`` as an
-    old-style pages folder; its reruns then execute the page script alone, without the entry point (no sidebar),
-    before app.py can switch that mode off (app.py does so for the real server). Keep the mode off here too; the
-    browser test covers the real server."""
-    from streamlit.runtime.pages_manager import PagesManager
-
-    init = PagesManager.__init__
-
-    def patched(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", patched)
-
-
 def run_page(page: str | None = None, **state) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=120)
     for k, v in state.items():
         at.session_state[k] = v
     at.run()
     if page is not None:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
@@ -190,6 +173,24 @@ def test_switching_model_frees_the_previous_one():
     no_errors(at)
     assert {m.label: m.value for m in at.metric}["Model"] == "tiny-gpt2"
     assert first.hf_model is None, "the old model was unloaded before the new one loaded"
+
+
+def test_project_checkpoint_picker_loads_a_bigram_backcopy_step(tmp_path):
+    from hiddenlens.models.bigram_backcopy import BBConfig, BBGenerator, build_model, save_checkpoint
+
+    cfg = BBConfig(steps=1)
+    gen = BBGenerator(None, k=cfg.k, seq_length=cfg.seq_length)
+    model = build_model(cfg, gen.vocab_size, gen.bos_id)
+    for step in (0, 500):
+        save_checkpoint(model, gen, cfg, tmp_path / "runs" / "bb" / f"step_{step:06d}", step)
+    at = run_page()
+    at.sidebar.selectbox(key="pick_kind").select_index(4).run()  # "Project checkpoint"
+    found = at.sidebar.selectbox(key="pick_checkpoint")
+    assert found.options == [str(tmp_path / "runs" / "bb" / f"step_{s:06d}") for s in (0, 500)]
+    found.select_index(1).run()
+    no_errors(at)
+    assert at.dataframe[0].value.loc[0, "family"] == "gpt2" and at.dataframe[0].value.loc[0, "n_layers"] == 1
+    assert {m.label: m.value for m in at.metric}["Model"].endswith("step_000500")
 
 
 def test_bad_model_spec_is_an_error_on_the_page(tmp_path):

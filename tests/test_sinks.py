@@ -142,6 +142,9 @@ def test_sink_analysis_matches_a_full_pattern_capture(tiny_llama):
     got = torch.tensor(res.heads.dormancy.values, dtype=torch.float32).view_as(sums)
     assert torch.allclose(got, sums / count, atol=1e-5)
     assert (res.layers.resid_first > 0).all() and res.heads.value_ratio.notna().all()
+    one = sinks.sink_analysis(tiny_llama, prompts, layers=[2])                # a subset of layers: same numbers
+    assert torch.allclose(torch.tensor(one.heads.dormancy.values, dtype=torch.float32), got[2], atol=1e-6)
+    assert np.allclose(one.mass[0], res.mass[2], equal_nan=True) and not np.isnan(one.mass[0, :, 0]).any()
 
 
 def test_sink_analysis_rejects_bad_input(tiny_llama):

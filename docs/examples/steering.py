@@ -13,14 +13,16 @@ handle = hl.load_model()
 d = load_directions("results/truth/direction_mass_mean")   # [Direction]; .sigma, .layer, .detector
 prompts = ["The capital of Kenya is", "Q: What is the capital of Peru? A:"]
 fig, ax = plt.subplots(1, 3, figsize=(15, 3.6))
-for k, mode in enumerate(["all", "prompt", "generated", "conditional"]):
+modes, rows = ["all", "prompt", "generated", "conditional"], []
+for mode in modes:
     out = steer_generate(handle, prompts, d, alpha=4.0, mode=mode, max_new_tokens=10, threshold=0.5)
     print(f"{mode:12s}", [t.strip() for t in out.texts], "rollback at", out.rollback or "-")
-    ax[0].plot(out.added_norm[1].numpy() + 2 * k, drawstyle="steps-mid", label=mode)
+    rows.append(out.added_norm[1].numpy())                 # second prompt: no left padding
+im = ax[0].imshow(rows, aspect="auto", cmap="Greens", vmin=0)
 ax[0].axvline(out.prompt_length - 0.5, color="grey", ls=":")
-ax[0].set(xlabel="position (prompt | generated)", ylabel="added norm (offset by mode)",
-          title=f"what was added where, alpha 4 x sigma {d[0].sigma:.2f}")
-ax[0].legend(fontsize=8)
+ax[0].set_yticks(range(len(modes)), modes)
+ax[0].set(xlabel="position (prompt | generated)", title=f"added norm per token (alpha 4 x sigma {d[0].sigma:.2f})")
+fig.colorbar(im, ax=ax[0])
 
 df = make_statements(["capitals"], fractions=(0.6, 0.2, 0.2))
 pairs = df[(df.split == "test") & (df.label == 1)]
@@ -39,5 +41,7 @@ cond = steer_generate(handle, ["The capital of Australia is"], d, 4.0, "conditio
 ax[2].plot(cond.p_true[0], marker="o")
 ax[2].axhline(0.5, color="grey", ls=":")
 ax[2].set(xlabel="checked new token", ylabel="detector p_true",
-          title=f"conditional: rollback at {cond.rollback[0]}; '{cond.texts[0].strip()[:40]}'")
+          title="conditional: detector on each new token")
+ax[2].text(0, 0.3, f"rollback at position {cond.rollback[0]}\n'{cond.texts[0].strip()[:32]}...'".replace("\n\n", " "),
+           fontsize=8)
 plt.savefig("docs/figures/steering.png", dpi=90, bbox_inches="tight")

@@ -12,6 +12,8 @@ with ui.shown_errors("H_int of the prompt"):
     c1, c2 = st.columns(2)
     c1.metric("H_int of the prompt (top-100, bits)", f"{h['h_int_bits']:.3f}")
     c2.metric("H_int, full vocabulary (bits)", f"{h['h_int_full_bits']:.3f}")
+    st.caption("Entropy of the next-token distribution at the last position of the prompt as typed (no chat "
+               "template); the regimes below wrap each problem in the model's chat template.")
 
 st.subheader("Regimes: direct vs chain of thought vs babble")
 source = st.radio("Source", ["Load a run", "Compute live on a small set"], horizontal=True, key="int_source")

@@ -33,7 +33,7 @@ with ui.shown_errors("The iteration"):
     scores = table["score"].to_numpy(dtype=float)
     span = max(float(scores.max() - scores.min()), 1e-9)
     st.markdown("**Decider score per token** (darker green = higher score; iterated tokens underlined)")
-    st.html(highlight.coloured_tokens(table["token"].map(str).str.replace("\u0120", " ").tolist(),
+    st.html(highlight.coloured_tokens(table["token"].tolist(),
                                       (0.5 + 0.5 * (scores - scores.min()) / span).tolist(),
                                       (table["depth"] > 0).tolist(), "decider score (scaled)"))
     st.plotly_chart(figures.layer_curves({"decider score": scores}, "Decider score per position", "score",
