@@ -52,7 +52,9 @@ def test_family_discovery_and_faithful_capture(family):
     with hl.capture(h, sites) as c:
         out = h.run(prompts)
     with torch.inference_mode():
-        ref = h.hf_model(input_ids=out.input_ids, attention_mask=out.attention_mask, output_hidden_states=True)
+        pos = (out.attention_mask.cumsum(-1) - 1).clamp(min=0)  # per-row positions, as handle.run uses
+        ref = h.hf_model(input_ids=out.input_ids, attention_mask=out.attention_mask, position_ids=pos,
+                         output_hidden_states=True)
     m = out.attention_mask.bool()
     assert torch.allclose(c["embed"][m], ref.hidden_states[0][m], atol=1e-5)
     assert torch.allclose(c["blocks.0.resid_post"][m], ref.hidden_states[1][m], atol=1e-5)

@@ -18,7 +18,9 @@ def test_resid_equals_hidden_states_and_logits(fixture, request):
     with hl.capture(h, ["embed", "blocks.*.resid_post", "final_norm", "logits"]) as cache:
         out = h.run(PROMPTS)
     with torch.inference_mode():
-        ref = h.hf_model(input_ids=out.input_ids, attention_mask=out.attention_mask, output_hidden_states=True)
+        pos = (out.attention_mask.cumsum(-1) - 1).clamp(min=0)  # per-row positions, as handle.run uses
+        ref = h.hf_model(input_ids=out.input_ids, attention_mask=out.attention_mask, position_ids=pos,
+                         output_hidden_states=True)
     m = out.attention_mask.bool()
     hs = ref.hidden_states
     assert torch.equal(cache["embed"][m], hs[0][m])
