@@ -110,7 +110,8 @@ def pattern_reductions(pattern: torch.Tensor, start: torch.Tensor | None = None)
     seen_by = (n[:, None] - rel).clamp_min(1)                                   # [b, k] = N - j
     mass_abs = col_sum / seen_by[:, None]
     idx = (start.to(a.device)[:, None] + torch.arange(k, device=a.device)[None]).clamp_max(k - 1)
-    mass = mass_abs.gather(2, idx[:, None].expand(b, h, k)) * (torch.arange(k, device=a.device)[None] < n[:, None])[:, None]
+    inside = (torch.arange(k, device=a.device)[None] < n[:, None])[:, None]     # [b, 1, k] within the prompt
+    mass = mass_abs.gather(2, idx[:, None].expand(b, h, k)) * inside
     other = mass[:, :, 1:]
     other_mass, other_pos = other.max(-1)
     # attention of queries i >= 1 to position 0
@@ -249,7 +250,8 @@ class _Accumulator:
             n_p = float(s["n_prompts"][layer, 0])
             for h in range(self.H):
                 tok, count = self.other_tokens[layer][h].most_common(1)[0]
-                vf, vr = float(s["value_first"][layer, h]) / n_p, float(s["value_rest"][layer, h] / s["n_rest"][layer, h])
+                vf = float(s["value_first"][layer, h]) / n_p
+                vr = float(s["value_rest"][layer, h] / s["n_rest"][layer, h])
                 dormancy = float(s["attn0"][layer, h] / s["n_queries"][layer, h])
                 row_h = float(s["row_entropy"][layer, h] / s["n_queries"][layer, h])
                 col_h = float(s["col_entropy"][layer, h]) / n_p
@@ -468,7 +470,8 @@ def head_ablation(handle, prompts, heads: Sequence[tuple[int, int]], modes: Sequ
     to position 0 (``bos``: its output at every query becomes its output at position 0, i.e. ``v_0`` under
     softmax). One forward pass per (head, mode) over all prompts.
 
-    The intervention is :func:`intervene_head`. Returns ``[layer, head, mode, ce_base, ce, delta_ce, n_tokens, changed_positions]``
+    The intervention is :func:`intervene_head`. Returns
+    ``[layer, head, mode, ce_base, ce, delta_ce, n_tokens, changed_positions]``
     (nats per predicted token; ``changed_positions`` counts head-output vectors replaced).
     """
     rows = prepare_prompts(handle, prompts, add_bos, max_tokens)
@@ -516,7 +519,7 @@ def classify_dormant(heads: pd.DataFrame, ablation: pd.DataFrame, eps: float = E
 
 # ---- active-dormant contrast --------------------------------------------------------------------------------
 def default_domains(handle, n_prompts: int = 40, n_tokens: int = 128) -> dict[str, list[list[int]]]:
-    """English prose (``pydoc_data.topics``) and Python code (the stdlib sources beside ``json``), each as
+    """English prose (``pydoc_data.topics``) and Python code (the first 80 stdlib modules beside ``json``), each as
     ``n_prompts`` passages of ``n_tokens`` tokens (BOS first, then ``n_tokens - 1`` text tokens), taken at evenly
     spaced offsets of the text."""
     import json as _json
@@ -528,8 +531,8 @@ def default_domains(handle, n_prompts: int = 40, n_tokens: int = 128) -> dict[st
     code = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))[:80])
     out = {}
     for name, text in (("prose", offline_prose()), ("code", code)):
-        ids = handle.tokenizer(text[: 400 * n_prompts * n_tokens // 10 + 200_000],
-                               add_special_tokens=False)["input_ids"]
+        max_chars = 200_000 + 40 * n_prompts * n_tokens  # ~10x the characters needed at ~4 characters a token
+        ids = handle.tokenizer(text[:max_chars], add_special_tokens=False)["input_ids"]
         span = n_tokens - 1
         if len(ids) < n_prompts * span:
             raise ValueError(f"the {name} text has {len(ids)} tokens, fewer than {n_prompts} x {span}")

@@ -17,7 +17,8 @@ def _candidates(contrast: pd.DataFrame, names: list[str], k: int) -> list[tuple[
     """The ``k`` most active-dormant heads (largest |diff|) and the ``k`` most dormant on both domains."""
     both = contrast.assign(low=contrast[[f"dormancy_{n}" for n in names]].min(axis=1))
     picks = list(contrast.head(k)[["layer", "head"]].itertuples(index=False, name=None))
-    picks += list(both.sort_values("low", ascending=False).head(k)[["layer", "head"]].itertuples(index=False, name=None))
+    dormant = both.sort_values("low", ascending=False).head(k)
+    picks += list(dormant[["layer", "head"]].itertuples(index=False, name=None))
     return list(dict.fromkeys((int(a), int(b)) for a, b in picks))
 
 
@@ -29,8 +30,8 @@ def model_report(handle, out: str | Path, domains: dict[str, list] | None = None
                  n_tokens: int = 128, batch_size: int = 8, causal_heads: int = 4, causal_prompts: int = 8,
                  tau: float = sinks.TAU, eps: float = sinks.EPS_CE, progress: bool = True) -> dict:
     """Sink maps on two domains (default prose vs Python code), norm profiles, the most active-dormant and most
-    dormant heads with their causal confirmation, and the tokens that make the top 3 active-dormant heads leave
-    the sink (on the first ``causal_prompts`` prompts of the domain where the head is less dormant).
+    dormant heads with their causal confirmation, and the tokens that make the first 3 of those heads leave the
+    sink (on the first ``causal_prompts`` prompts of the domain where the head is less dormant).
 
     Writes ``heads_<domain>``, ``layers_<domain>``, ``contrast``, ``causal``, ``leaving_tokens`` (Parquet + CSV),
     ``sink_map.png``, ``norms.png``, ``summary.json`` and ``report.md`` into ``out``; returns the summary.
@@ -80,7 +81,7 @@ def model_report(handle, out: str | Path, domains: dict[str, list] | None = None
         summary["per_domain"][n] = {
             "max_dormancy_by_layer": by_layer.round(4).tolist(),
             "frac_heads_attend_sink": float(h.attends_sink.mean()),
-            "frac_heads_dormancy_over_0.5_by_layer": h.groupby("layer").dormancy.apply(lambda s: float((s > 0.5).mean())).tolist(),
+            "frac_heads_dormancy_over_0.5_by_layer": (h.dormancy > 0.5).groupby(h.layer).mean().tolist(),
             "most_dormant_head": h.loc[h.dormancy.idxmax(), ["layer", "head", "dormancy"]].to_dict(),
             "resid_ratio_max_by_layer": lay.resid_ratio_max.round(3).tolist(),
             "resid_first_by_layer": lay.resid_first.round(1).tolist(),
@@ -99,8 +100,8 @@ def _model_markdown(handle, names, res, contrast, causal, leaving, summary) -> s
                                      f"{r.settings['tokens_per_prompt_max']} tokens, BOS first)"
                                      for n, r in res.items()) + ".",
              f"Dormancy = mean attention of queries i >= 1 to position 0; attends the sink when > {summary['tau']} "
-             f"(INFERRED threshold). Dormant = attends the sink and |delta CE| < {summary['eps']} nats for both zeroing "
-             "the head and moving all its attention to position 0.", "",
+             f"(INFERRED threshold). Dormant = attends the sink and |delta CE| < {summary['eps']} nats for both "
+             "zeroing the head and moving all its attention to position 0.", "",
              f"Prose vs code dormancy grids: r = {summary['grid_correlation']:.3f}; heads switching across tau: "
              f"{summary['n_switching_heads']}.", "", "![sink map](sink_map.png)", "", "![norms](norms.png)", ""]
     for n in names:
@@ -154,8 +155,9 @@ def checkpoints_report(folder: str | Path, out: str | Path, prompts: list | None
             it = tqdm(ckpts, desc="checkpoints", unit="ckpt")
         for c in it:
             handle = hl.load_model(str(c))
-            rows.append({"step": bb.checkpoint_step(c), "variant": meta["attention"] + "/" + meta["config"]["optimizer"],
-                         "seed": meta["config"]["seed"]} | bb.flat_metrics(bb.bb_metrics(handle, gen, eval_seqs)))
+            variant = meta["attention"] + "/" + meta["config"]["optimizer"]
+            rows.append({"step": bb.checkpoint_step(c), "variant": variant, "seed": meta["config"]["seed"]}
+                        | bb.flat_metrics(bb.bb_metrics(handle, gen, eval_seqs)))
         df = pd.DataFrame(rows)
         rep.figure("curves", bb_curves_figure(df))
     else:

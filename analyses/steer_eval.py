@@ -193,8 +193,8 @@ def fit_eval_sets(handle, family: str, layers: list[int], k_heads: int, seed: in
     all_layers = list(range(handle.adapter.n_layers)) if k_heads > 0 else layers
     acts = extract_last_token(handle, df.text.tolist(), all_layers, heads=k_heads > 0)
     y = torch.tensor(df.label.to_numpy())
-    tr, va = torch.from_numpy((df.split == "train").to_numpy()), torch.from_numpy((df.split == "val").to_numpy())
-    te = torch.from_numpy((df.split == "test").to_numpy())
+    tr, va = torch.tensor((df.split == "train").to_numpy()), torch.tensor((df.split == "val").to_numpy())
+    te = torch.tensor((df.split == "test").to_numpy())
     trva, dh = tr | va, data_hash(df)
     sets = {}
     for layer in layers:

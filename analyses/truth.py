@@ -448,7 +448,7 @@ def fit_truth(handle, family: str = "capitals", transfer_families=(), layers=Non
     acts = extract_last_token(handle, df.text.tolist(), layers, heads=k_heads > 0, batch_size=batch_size,
                               progress=progress)
     fam = (df.family == family).to_numpy()
-    part = {s: torch.from_numpy(fam & (df.split == s).to_numpy()) for s in ("train", "val", "test")}
+    part = {s: torch.tensor(fam & (df.split == s).to_numpy()) for s in ("train", "val", "test")}
     y = torch.tensor(df.label.to_numpy())
     tr, va, te = part["train"], part["val"], part["test"]
     table, _ = layer_sweep(acts["resid"][tr], y[tr], acts["resid"][te], y[te], layers, methods,
@@ -477,8 +477,8 @@ def fit_truth(handle, family: str = "capitals", transfer_families=(), layers=Non
         per = {}
         for f in families:
             m = (df.family == f).to_numpy()
-            a, b = torch.from_numpy(m & (df.split == "train").to_numpy()), torch.from_numpy(
-                m & (df.split == "test").to_numpy())
+            a = torch.tensor(m & (df.split == "train").to_numpy())
+            b = torch.tensor(m & (df.split == "test").to_numpy())
             per[f] = (acts["resid"][a], y[a], acts["resid"][b], y[b], df.pair_id.to_numpy()[a.numpy()])
         transfer = transfer_matrix(per, j, "mass_mean")
     best = directions[methods[0]]

@@ -50,6 +50,7 @@ class _Edit:
     name: str
     kind: str  # "output" (block output) | "input" (o_proj input)
     delta: torch.Tensor
+    norm: float = 0.0
     fired: int = 0
 
 
@@ -103,6 +104,7 @@ class Steering:
         self._edits = self._group(directions)
         self._handles: list = []
         self._gate: torch.Tensor | None = None
+        self._active = False
         self._offset = 0
 
     def _group(self, directions) -> list[_Edit]:
@@ -123,6 +125,7 @@ class Steering:
             e.delta[sl] += vec
         for e in edits.values():
             e.delta = e.delta.to(device=h.device, dtype=h.dtype)
+            e.norm = float(e.delta.float().norm())
         return list(edits.values())
 
     # ---- hooks ---------------------------------------------------------------------------------------------
@@ -145,6 +148,7 @@ class Steering:
             self._p = self.prompt_length or length
             self.runs.append({})
         lo, hi = self._bounds(self._p)
+        self._active = lo < offset + length and hi > offset  # decided on the host: no device sync per hook
         pos = torch.arange(offset, offset + length, device=ids.device)
         gate = ((pos >= lo) & (pos < hi))[None].expand(batch, length)
         if mask is not None:
@@ -158,7 +162,7 @@ class Steering:
         if not self.runs:
             self.runs.append({})
         run = self.runs[-1]
-        norms = self._gate.to(torch.float32) * float(e.delta.float().norm())
+        norms = self._gate.to(torch.float32) * e.norm
         end = self._offset + norms.shape[1]
         old = run.get(e.name)
         if old is None or old.shape[1] < end:
@@ -171,7 +175,7 @@ class Steering:
     def _output_hook(self, e: _Edit):
         def hook(module, args, output):
             self._record(e)
-            if not bool(self._gate.any()):
+            if not self._active:
                 return None
             h = output[0] if isinstance(output, tuple) else output
             new = h + self._gate_f * e.delta
@@ -181,7 +185,7 @@ class Steering:
     def _input_hook(self, e: _Edit):
         def hook(module, args, kwargs):
             self._record(e)
-            if not bool(self._gate.any()):
+            if not self._active:
                 return None
             if args:
                 return (args[0] + self._gate_f * e.delta,) + tuple(args[1:]), kwargs

@@ -46,16 +46,6 @@ def attach(handle, capture):
     return undo
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token, as HF ``generate`` does: ``[batch, pos]``.
-
-    Without them a left-padded row of an absolute-position model (GPT-2) would embed its tokens at shifted
-    positions, so its activations would depend on the other prompts of the batch.
-    """
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
-
-
 def backend_forward(handle, batch, logits: bool = True, **kwargs):
     """One forward over a :class:`Batch`; returns logits ``[batch, pos, vocab]`` or None.
 

@@ -142,10 +142,9 @@ def _envoy(lm, name: str):
 def nnsight_forward(handle, batch, logits: bool = True, remote: bool = False, **kwargs):
     """One ``lm.trace`` over a :class:`Batch`; returns logits ``[batch, pos, vocab]`` (None with ``logits=False``).
 
-    Every open capture on the handle gets the values of its plan. Positions come from the attention mask
-    (:func:`hiddenlens.models.backends.position_ids`), like the other backends.
+    Every open capture on the handle gets the values of its plan. Positions are ``batch.position_ids`` (counted
+    from each row's first real token), like the other backends.
     """
-    from hiddenlens.models.backends import position_ids
     from hiddenlens.probes.active import active_captures
 
     lm = handle.model
@@ -157,7 +156,7 @@ def nnsight_forward(handle, batch, logits: bool = True, remote: bool = False, **
     if logits and (head, "output") not in keys:
         keys.append((head, "output"))
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-              "position_ids": kwargs.pop("position_ids", position_ids(batch.attention_mask))}
+              "position_ids": kwargs.pop("position_ids", batch.position_ids)}
     for c in caps:  # before the trace: attn.scores are recorded by the attention tap while it runs
         c.begin_forward(0, batch.attention_mask)
     saved = {}

@@ -1,7 +1,7 @@
 """The ``transformer_lens`` backend: a TransformerBridge over the handle's weights, captured through its hook points.
 
 ``wrap_transformer_lens`` builds the bridge with raw Hugging Face numerics (no LayerNorm folding, no weight
-centring: TransformerLens' default for bridges; ``enable_compatibility_mode()`` is never called). Two things
+centring: TransformerLens' default for bridges; ``enable_compatibility_mode()`` is never called). Three things
 differ from ``TransformerBridge.boot_transformers(name, hf_model=...)``, on purpose:
 
 * The bridge **replaces the submodules of the model it wraps** (decoder layers become ``BlockBridge``, linears
@@ -59,7 +59,7 @@ def hook_name(site: Site) -> str:
 
 
 def _canonical(site: Site, n_heads: int, n_kv_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Bridge layout -> our layout. Per-head q/k/v/z come as ``[batch, pos, head, d]``; we use ``[batch, head, pos, d]``."""
+    """Bridge layout -> ours: per-head q/k/v/z come as ``[batch, pos, head, d]``, we use ``[batch, head, pos, d]``."""
     if site.kind not in ("attn.q", "attn.k", "attn.v", "attn.z"):
         return lambda t: t
     heads = n_kv_heads if site.kind in ("attn.k", "attn.v") else n_heads
@@ -161,12 +161,9 @@ def attach_tl(handle, capture) -> Callable[[], None]:
 def tl_forward(handle, batch, logits: bool = True, **kwargs):
     """Run the bridge on a :class:`Batch`; returns logits ``[batch, pos, vocab]`` (None with ``logits=False``).
 
-    Positions come from the attention mask (:func:`hiddenlens.models.backends.position_ids`), like the other
-    backends.
+    Positions are ``batch.position_ids`` (counted from each row's first real token), like the other backends.
     """
-    from hiddenlens.models.backends import position_ids
-
-    kwargs.setdefault("position_ids", position_ids(batch.attention_mask))
+    kwargs.setdefault("position_ids", batch.position_ids)
     out = handle.model(batch.input_ids, attention_mask=batch.attention_mask,
                        return_type="logits" if logits else None, **kwargs)
     return out if logits else None

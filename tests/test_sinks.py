@@ -196,6 +196,7 @@ def test_leaving_tokens_and_contrast(tiny_gpt2):
     assert (df["count"] >= 2).all() and df.attn_first.is_monotonic_increasing
     a = sinks.sink_analysis(tiny_gpt2, prompts[:2])
     b = sinks.sink_analysis(tiny_gpt2, prompts[2:])
+    assert sinks.sink_scores(tiny_gpt2, prompts[:2]).equals(a.heads)
     c = sinks.domain_contrast({"x": a, "y": b})
     assert len(c) == len(a.heads)
     assert c["diff"].abs().is_monotonic_decreasing

@@ -47,7 +47,7 @@ def test_edit_is_exactly_alpha_sigma_along_u(request, model):
     mask = before.attention_masks[0].bool()
     # resid: the edit at layer 2 is measured at layer 2's output; layer 1's head edit also propagates there,
     # so check the head edit at its own site and the resid edit with the head edit switched off.
-    dz = (after["blocks.1.attn.z"] - before["blocks.1.attn.z"])[:, :, :, :]  # [b, head, pos, hd]
+    dz = after["blocks.1.attn.z"] - before["blocks.1.attn.z"]  # [b, head, pos, hd]
     along = dz[:, 2] @ d_head.vector
     assert torch.allclose(along[mask], torch.full_like(along[mask], alpha * 0.8), atol=1e-4)
     ortho = dz[:, 2] - along[..., None] * d_head.vector

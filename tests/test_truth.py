@@ -87,7 +87,6 @@ def test_probe_direction_separates():
 
 def test_top_k_picks_planted_head():
     """methods.md 6.1: top-K selection picks the head with the strongest planted signal."""
-    rng = np.random.default_rng(6)
     n, L, H, hd = 300, 3, 4, 8
 
     def acts(seed):
@@ -105,7 +104,6 @@ def test_top_k_picks_planted_head():
     assert T.top_k_heads(table, 2) == [(2, 1), (0, 3)]
     dirs = T.iti_directions(torch.cat([tr, va]), torch.cat([ytr, yva]), [0, 1, 2], [(2, 1)], table=table)
     assert dirs[0].site == "attn.z" and dirs[0].head == 1 and abs(float(dirs[0].vector[0])) > 0.95
-    del rng
 
 
 def test_layer_sweep_finds_signal_layer():
@@ -115,14 +113,12 @@ def test_layer_sweep_finds_signal_layer():
     A = rng.standard_normal((n, L, d))
     A[:, 2, 0] += np.where(y == 1, 1.5, -1.5)
     A = torch.from_numpy(A).float()
-    pairs = np.arange(n) // 2
     tr, te = slice(0, 300), slice(300, None)
     table, fitted = T.layer_sweep(A[tr], y[tr], A[te], y[te], [0, 1, 2, 3], methods=("mass_mean", "probe"))
     best = table.sort_values("auroc").iloc[-1]
     assert best.layer == 2 and best.auroc > 0.9
     assert table[table.layer != 2].auroc.max() < 0.7
     assert ("probe", 2) in fitted
-    del pairs
 
 
 def test_procrustes_recovers_rotation_and_transfer_aligns():

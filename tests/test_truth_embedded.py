@@ -22,7 +22,7 @@ def capitals(smollm):
 
 def test_held_out_probe_well_above_chance(capitals):
     df, acts, y = capitals
-    tr = torch.from_numpy((df.split != "test").to_numpy())
+    tr = torch.tensor((df.split != "test").to_numpy())
     te = ~tr
     table, _ = layer_sweep(acts[tr], y[tr], acts[te], y[te], LAYERS, methods=("mass_mean", "probe"))
     mid = table[table.layer.isin([12, 16])]
@@ -33,9 +33,10 @@ def test_held_out_probe_well_above_chance(capitals):
 
 def test_steering_toward_true_raises_correct_capital(smollm, capitals):
     """Mass-mean direction at layer 12 (fitted on train+val countries) raises log P(correct) - log P(wrong) on
-    held-out countries, more than a random direction of the same size."""
+    held-out countries, more than random directions of the same size do on average (3 seeds; a single random
+    direction varies a lot, see docs/steering.md)."""
     df, acts, y = capitals
-    tr = torch.from_numpy((df.split != "test").to_numpy())
+    tr = torch.tensor((df.split != "test").to_numpy())
     u, sigma, det = fit_direction(acts[tr][:, LAYERS.index(12)], y[tr], "mass_mean")
     d = Direction(torch.from_numpy(u).float(), sigma, 12, detector=det)
     pairs = df[(df.split == "test") & (df.label == 1)].head(24)
@@ -47,7 +48,7 @@ def test_steering_toward_true_raises_correct_capital(smollm, capitals):
 
     base = margin([d], 0.0)
     steered = margin([d], 4.0)
-    rand = margin(random_like([d], seed=1), 4.0)
+    rand = sum(margin(random_like([d], seed=s), 4.0) for s in (1, 2, 3)) / 3
     assert steered - base > 0.3, (base, steered, rand)
     assert steered - base > rand - base, (base, steered, rand)
 

@@ -31,7 +31,8 @@ for backend, marker in (("transformer_lens", "o"), ("nnsight", "s")):
     for kind, style in (("resid_post", "-"), ("attn.z", ":")):
         err = [max_diff(backend, f"blocks.{i}.{kind}", relative=True) for i in range(30)]
         plt.semilogy(range(30), [max(e, 1e-12) for e in err], style, marker=marker, ms=3, label=f"{backend}: {kind}")
-        print(f"{backend} {kind}: largest absolute difference {max(max_diff(backend, f'blocks.{i}.{kind}') for i in range(30)):.1e}")
+        largest = max(max_diff(backend, f"blocks.{i}.{kind}") for i in range(30))
+        print(f"{backend} {kind}: largest absolute difference {largest:.1e}")
     print(f"{backend}: max |logit difference| vs hf = {max_diff(backend, 'logits'):.2e}")
 plt.axhline(2 ** -23, color="gray", lw=0.8, label="fp32 machine epsilon")
 plt.xlabel("block"), plt.ylabel("max |difference| / max |value| vs hf (0 drawn at 1e-12)")

@@ -16,12 +16,12 @@ fig, ax = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1,
 for method, g in res.layers.groupby("method", sort=False):
     ax[0].plot(g.layer, g.auroc, marker=".", label=method)
 ax[0].axhline(0.5, color="grey", lw=0.8, ls=":")
-ax[0].set(xlabel="layer (resid_post, last token)", ylabel="held-out AUROC", title="capital statements, split by country")
+ax[0].set(xlabel="layer (resid_post, last token)", ylabel="held-out AUROC",
+          title="capital statements, split by country")
 ax[0].legend()
-for i, (prompt, color) in enumerate([("The capital of Australia is Canberra. The capital of Chile is Lima.", "C0")]):
-    s = token_scores(handle, probe, prompt)
-    ax[1].bar(s.position, s.p_true, color=color)
-    ax[1].set_xticks(s.position, s.token, rotation=60, fontsize=8)
+s = token_scores(handle, probe, "The capital of Australia is Canberra. The capital of Chile is Lima.")
+ax[1].bar(s.position, s.p_true)
+ax[1].set_xticks(s.position, s.token, rotation=60, fontsize=8)
 ax[1].axhline(0.5, color="grey", lw=0.8, ls=":")
 ax[1].set(ylabel="p_true", title=f"per-token truth score ({probe.name})")
 plt.savefig("docs/figures/truth.png", dpi=90, bbox_inches="tight")

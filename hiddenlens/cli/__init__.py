@@ -13,11 +13,6 @@ app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:
-    from . import foundation  # noqa: F401  (registers commands)
-    for mod in ("bench_capture", "intention", "sinks", "truth", "leakage", "dashboard"):
-        try:
-            __import__(f"hiddenlens.cli.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"hiddenlens.cli.{mod}":
-                raise
+    # Each module registers its commands on the apps above when imported.
+    from . import bench_capture, dashboard, foundation, intention, leakage, sinks, truth  # noqa: F401
     app()

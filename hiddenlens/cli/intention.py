@@ -158,7 +158,8 @@ def dynamics_cmd(
     folder.table("token_dynamics", share_df)
     ys = ["entropy", "kl_to_final", "next_token_ce", "norm", "cos_last"] + (["belief_r2"] if belief else [])
     folder.figure("dynamics", plot_over_checkpoints(table, "layer", ys, f"{len(prompts)} prompts"))
-    last = ex[ex["position"] == ex["position"].max()]
+    ranked = ex.dropna(subset=["target_rank"])  # with --target next the last position has no target
+    last = ex[ex["position"] == (ranked if len(ranked) else ex)["position"].max()]
     folder.figure("example_rank", plot_over_checkpoints(last, "layer", ["target_rank", "top1_prob"],
                                                         f"{example!r} -> {target!r}"))
     folder.summary({"checkpoints": specs, "n_prompts": len(prompts), "lens": str(lens) if lens else "logit",
