@@ -91,6 +91,13 @@ def wrap_transformer_lens(handle):
     except ImportError as exc:
         raise ImportError(f"backend='transformer_lens' needs transformer-lens >= 3 with TransformerBridge "
                           f"({exc}); `pip install 'transformer-lens>=4'` or use backend='hf'") from exc
+    from .attention import _PATTERN_FUNCTIONS
+
+    impl = handle.hf_model.config._attn_implementation
+    if impl in _PATTERN_FUNCTIONS:
+        raise ValueError(f"this model uses its own attention function ({impl!r}); the TransformerBridge would "
+                         "replace it with softmax attention and give wrong numbers. Use backend='hf' or "
+                         "backend='nnsight' for it")
     clone = _structural_clone(handle.hf_model)
     force_eager_attention(clone)
     try:

@@ -88,6 +88,8 @@ def test_relu_attention_is_what_the_capture_reports(tmp_path):
     with hl.capture(nn_handle, "blocks.1.attn.pattern") as cache:
         nn_handle.run(x, add_bos=None)
     assert torch.allclose(cache["blocks.1.attn.pattern"], got, atol=1e-6)
+    with pytest.raises(ValueError, match="own attention function"):  # the bridge would recompute softmax
+        hl.load_model(str(res.checkpoints[-1]), backend="transformer_lens")
 
 
 def test_checkpoints_load_through_load_model(tmp_path):
