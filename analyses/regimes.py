@@ -438,9 +438,10 @@ def _paired_text(results: RegimeResults) -> str:
                                                 diff["d_h_int_bits_ci_high"])]}))
 
 
-def write_regime_report(results: RegimeResults, out_dir, example_outputs: int = 3):
+def write_regime_report(results: RegimeResults, out_dir, example_outputs: int = 3, notes: str = ""):
     """Write the report folder: ``items`` / ``regimes`` / ``dims`` tables (Parquet + CSV), ``summary.json``,
-    ``regimes.png``, ``dim_eff_by_layer.png``, ``h_int_hist.png`` and ``report.md``. Returns the
+    ``regimes.png``, ``dim_eff_by_layer.png``, ``h_int_hist.png`` and ``report.md`` (with ``notes`` as a final
+    section, e.g. how the run was sized). Returns the
     :class:`~hiddenlens.analyses.report.ReportFolder`."""
     from .report import ReportFolder
 
@@ -449,7 +450,7 @@ def write_regime_report(results: RegimeResults, out_dir, example_outputs: int = 
     folder.table("regimes", results.regimes)
     folder.table("dims", results.dims)
     _figures(results, folder)
-    text = regime_markdown(results)
+    text = regime_markdown(results) + (f"\n## Notes\n\n{notes.strip()}\n" if notes.strip() else "")
     samples = results.items.groupby("regime", sort=False).head(example_outputs)
     text += "\n## Example outputs\n\n" + "\n".join(
         f"- **{r.regime}** (answer {r.answer}, parsed {r.parsed}, correct {r.correct}): "

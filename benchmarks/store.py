@@ -1,7 +1,7 @@
 """Peak resident memory while streaming a prompt set to the activation store.
 
-Streams the first N/4, N/2 and N prompts (of offline prose, 64-token chunks) in separate child processes and reads
-each child's peak RSS, so the numbers are independent. Bounded memory means the three peaks are about equal.
+Streams the first N/4 and N prompts (of offline prose, 24-word chunks, about 32 tokens) in separate child processes
+and reads each child's peak RSS, so the numbers are independent. Bounded memory means the peaks are about equal.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ print(json.dumps({"prompts": n, "seconds": time.perf_counter() - t,
 """
 
 
-def _prompts(n: int, words: int = 48) -> list[str]:
+def _prompts(n: int, words: int = 24) -> list[str]:
     from hiddenlens.models.tiny import offline_prose
 
     tokens = offline_prose().split()
@@ -46,7 +46,7 @@ def run_store_benchmark(model: str, n_prompts: int, out: Path, sites: list[str],
     with tempfile.TemporaryDirectory() as tmp:
         pfile = Path(tmp) / "prompts.json"
         pfile.write_text(json.dumps(_prompts(n_prompts)))
-        for n in (max(1, n_prompts // 4), max(1, n_prompts // 2), n_prompts):
+        for n in (max(1, n_prompts // 4), n_prompts):
             t = time.perf_counter()
             res = subprocess.run([sys.executable, "-c", _CHILD, model, str(n), str(Path(tmp) / f"store{n}"),
                                   ",".join(sites), str(pfile)], capture_output=True, text=True, check=True)
