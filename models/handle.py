@@ -218,6 +218,14 @@ class ModelHandle:
 
         return attach(self, capture)
 
+    def with_attention(self, implementation: str) -> "ModelHandle":
+        """A new ``hf`` handle over the SAME weight tensors (no copy, no reload) whose model runs
+        ``implementation`` attention (e.g. ``"eager"`` for parity with HF's ``output_attentions``)."""
+        clone = share_weights_clone(self.hf_model)
+        clone.config._attn_implementation = implementation
+        return ModelHandle(clone, self.tokenizer, self.adapter, self.spec, backend="hf",
+                           info=dict(self.info, attn_implementation=implementation))
+
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         return self.tokenizer.decode(ids if not isinstance(ids, torch.Tensor) else ids.tolist(),
                                      skip_special_tokens=True)
@@ -230,6 +238,15 @@ class ModelHandle:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def share_weights_clone(model: torch.nn.Module) -> torch.nn.Module:
+    """New module objects (and a new config) sharing every parameter and buffer tensor of ``model``."""
+    import copy
+    import itertools
+
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
 
 
 def _assemble_run(outs, ids, masks, order, pad_id) -> RunOutput:

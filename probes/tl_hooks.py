@@ -23,10 +23,11 @@ added through TransformerLens (``add_hook`` / ``run_with_hooks``).
 from __future__ import annotations
 
 import copy
-import itertools
 from typing import Callable
 
 import torch
+
+from hiddenlens.models.handle import share_weights_clone
 
 from .hf_hooks import forward_offset
 from .sites import Site
@@ -71,12 +72,6 @@ def _canonical(site: Site, n_heads: int, n_kv_heads: int) -> Callable[[torch.Ten
     return to_heads
 
 
-def _structural_clone(model: torch.nn.Module) -> torch.nn.Module:
-    """New module objects sharing every parameter and buffer tensor of ``model`` (no weight memory is used)."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, shared)
-
-
 def wrap_transformer_lens(handle):
     """A ``TransformerBridge`` over ``handle``'s weights (raw HF numerics, eager attention), with its tokenizer.
 
@@ -98,7 +93,7 @@ def wrap_transformer_lens(handle):
         raise ValueError(f"this model uses its own attention function ({impl!r}); the TransformerBridge would "
                          "replace it with softmax attention and give wrong numbers. Use backend='hf' or "
                          "backend='nnsight' for it")
-    clone = _structural_clone(handle.hf_model)
+    clone = share_weights_clone(handle.hf_model)
     force_eager_attention(clone)
     try:
         arch = determine_architecture_from_hf_config(clone.config)

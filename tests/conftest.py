@@ -31,7 +31,7 @@ def smollm():
 
 
 @pytest.fixture(scope="session")
-def smollm_eager():
-    """The embedded model with eager attention (for parity against HF's output_attentions)."""
-    import hiddenlens as hl
-    return hl.load_model("smollm2-135m-instruct", dtype="float32", attn_implementation="eager")
+def smollm_eager(smollm):
+    """The embedded model with eager attention (for parity against HF's output_attentions), over the same weight
+    tensors as ``smollm``: the weights are loaded once per session."""
+    return smollm.with_attention("eager")

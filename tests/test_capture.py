@@ -248,3 +248,16 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(fixture, request):
         with hl.capture(h, "blocks.3.resid_post", positions="last") as alone:
             h.run([p])
         assert torch.allclose(batched["blocks.3.resid_post"][i], alone["blocks.3.resid_post"][0], atol=1e-5)
+
+
+def test_with_attention_shares_weights_and_leaves_the_original_alone(tiny_llama):
+    h = tiny_llama
+    impl = h.hf_model.config._attn_implementation
+    eager = h.with_attention("eager")
+    assert eager.hf_model.config._attn_implementation == "eager"
+    assert h.hf_model.config._attn_implementation == impl
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(h.hf_model.parameters(), eager.hf_model.parameters()))
+    with hl.capture(eager, "blocks.1.resid_post") as ce, hl.capture(h, "blocks.1.resid_post") as co:
+        eager.run(PROMPTS[:1])
+        h.run(PROMPTS[:1])
+    assert torch.allclose(ce["blocks.1.resid_post"], co["blocks.1.resid_post"], atol=1e-5)
