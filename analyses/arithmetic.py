@@ -152,7 +152,7 @@ def is_correct(text: str, answer: int, mode: str = "last") -> bool:
 def gsm8k_problems(n: int, seed: int = 42, split: str = "test") -> list[Problem]:
     """The first ``n`` items of a seeded shuffle of GSM8K (needs the ``datasets`` package and the hub)."""
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # heavy optional dependency: imported on use
     except ModuleNotFoundError as exc:
         raise RuntimeError("GSM8K needs the `datasets` package (pip install datasets) and hub access; "
                            "use the offline arithmetic set (make_problems) instead") from exc

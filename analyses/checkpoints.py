@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import pandas as pd
+from tqdm.auto import tqdm
+
+from hiddenlens.probes.handle import load_model
 
 
 def parse_checkpoint(spec: str) -> tuple[str, str | None]:
@@ -43,8 +46,6 @@ def over_checkpoints(specs: Sequence[str], analysis: Callable, load: Callable | 
         load: loader (default :func:`hiddenlens.load_model`); gets ``(spec, revision=..., **load_kwargs)``.
         labels: names for the ``checkpoint`` column (default :func:`checkpoint_label`); must be unique.
     """
-    from tqdm.auto import tqdm
-
     if not specs:
         raise ValueError("no checkpoints given")
     labels = list(labels) if labels is not None else [checkpoint_label(s) for s in specs]
@@ -53,7 +54,7 @@ def over_checkpoints(specs: Sequence[str], analysis: Callable, load: Callable | 
     if len(set(labels)) != len(labels):
         raise ValueError(f"checkpoint labels must be unique, got {labels}; pass labels=[...]")
     if load is None:
-        from hiddenlens.models.loading import load_model as load
+        load = load_model
     frames = []
     for spec, label in tqdm(list(zip(specs, labels)), desc="checkpoints", disable=not progress or len(specs) < 2):
         name, rev = parse_checkpoint(spec)
@@ -74,7 +75,7 @@ def plot_over_checkpoints(df: pd.DataFrame, x: str, ys: Sequence[str], title: st
 
     For per-layer tables use ``x="layer"``; for one row per checkpoint use ``x="checkpoint"`` and another ``hue``
     (e.g. ``"regime"``). Returns a matplotlib figure."""
-    import matplotlib
+    import matplotlib  # heavy optional dependency: imported on use
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

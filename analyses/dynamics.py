@@ -22,14 +22,21 @@ Units: entropy, KL and JS in nats; norms in the residual stream's own units.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.linear_model import Ridge
+from sklearn.metrics import r2_score
+from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
 
+from hiddenlens.common.stats import entropy, js_divergence, kl_divergence, log_probs
 from hiddenlens.probes.capture import capture
 
 
@@ -98,24 +105,8 @@ def lens_logits(handle, prompt: str | Sequence[int], lens=None, include_embed: b
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distribution statistics
+# Distribution statistics (entropy, KL and JS: hiddenlens.common.stats)
 # ---------------------------------------------------------------------------------------------------------------
-def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q) = sum p (log p - log q)`` over the last axis, from log-probabilities (nats, >= 0)."""
-    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
-
-
-def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence (nats, in [0, ln 2]) from log-probabilities."""
-    logm = torch.logsumexp(torch.stack([logp, logq]), 0) - math.log(2)
-    return (0.5 * kl_divergence(logp, logm) + 0.5 * kl_divergence(logq, logm)).clamp(0.0, math.log(2))
-
-
-def entropy(logp: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) from log-probabilities over the last axis."""
-    return -(logp.exp() * logp).sum(-1)
-
-
 def token_rank(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1-based rank of ``target`` ids ``[...]`` under ``logits`` ``[..., vocab]`` (1 = top; ties favour the
     target). Invariant to adding a constant to the logits."""
@@ -172,8 +163,8 @@ def logit_lens(handle, prompt: str | Sequence[int], target=None, lens=None, incl
     """
     logits, traj = lens_logits(handle, prompt, lens, include_embed, add_bos)
     ids = traj.input_ids[0]
-    final = torch.log_softmax(traj.logits[0], -1)
-    logp = torch.log_softmax(logits, -1)
+    final = log_probs(traj.logits[0])
+    logp = log_probs(logits)
     geo = geometry(traj.hidden[:, 0])
     top_p, top_id = logp.max(-1)
     final_rank = token_rank(logits, final.argmax(-1).expand(logits.shape[:-1]))
@@ -182,9 +173,9 @@ def logit_lens(handle, prompt: str | Sequence[int], target=None, lens=None, incl
     frame = {
         "layer": np.repeat(traj.layers, pos), "position": np.tile(np.arange(pos), depth),
         "token": [handle.tokenizer.decode([int(t)]) for t in ids] * depth,
-        "entropy": entropy(logp).flatten().numpy(),
-        "kl_to_final": kl_divergence(final.expand_as(logp), logp).flatten().numpy(),
-        "js_to_final": js_divergence(final.expand_as(logp), logp).flatten().numpy(),
+        "entropy": entropy(logp, from_log_probs=True).flatten().numpy(),
+        "kl_to_final": kl_divergence(final.expand_as(logp), logp, from_log_probs=True).flatten().numpy(),
+        "js_to_final": js_divergence(final.expand_as(logp), logp, from_log_probs=True).flatten().numpy(),
         "top1_id": top_id.flatten().numpy(), "top1_prob": top_p.exp().flatten().numpy(),
         "final_top1_rank": final_rank.flatten().numpy(),
     }
@@ -217,8 +208,6 @@ def dynamics_summary(handle, prompts: Sequence[str], batch_size: int = 8, lens=N
     ``next_token_top1`` (share where the lens's top-1 is the next token), ``final_top1_agree`` (share where it is
     the model's own top-1), and the geometry (norm, growth, cos_next, cos_last). Only running sums are kept.
     """
-    from tqdm.auto import tqdm
-
     if not prompts:
         raise ValueError("no prompts given")
     prompts = list(prompts)
@@ -232,15 +221,17 @@ def dynamics_summary(handle, prompts: Sequence[str], batch_size: int = 8, lens=N
         mask = traj.attention_mask.bool()
         nxt = torch.cat([traj.input_ids[:, 1:], torch.zeros_like(traj.input_ids[:, :1])], 1)
         has_next = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1) & mask
-        final = torch.log_softmax(traj.logits, -1)
+        final = log_probs(traj.logits)
         final_top = final.argmax(-1)
         geo = geometry(traj.hidden)
         for j, layer in enumerate(layers):
             logits = lens_readout(handle, traj.hidden[j], layer, lens)
-            logp = torch.log_softmax(logits, -1)
+            logp = log_probs(logits)
             ce = -logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            stats = {"entropy": (entropy(logp), mask), "kl_to_final": (kl_divergence(final, logp), mask),
-                     "js_to_final": (js_divergence(final, logp), mask), "next_token_ce": (ce, has_next),
+            stats = {"entropy": (entropy(logp, from_log_probs=True), mask),
+                     "kl_to_final": (kl_divergence(final, logp, from_log_probs=True), mask),
+                     "js_to_final": (js_divergence(final, logp, from_log_probs=True), mask),
+                     "next_token_ce": (ce, has_next),
                      "next_token_top1": ((logp.argmax(-1) == nxt).float(), has_next),
                      "final_top1_agree": ((logp.argmax(-1) == final_top).float(), mask)}
             stats |= {k: (v[j], mask & torch.isfinite(v[j])) for k, v in geo.items()}
@@ -321,13 +312,6 @@ def belief_state_r2(h_t, e_next, h_next, regressor: str = "ridge", groups=None, 
     Returns ``r2`` (variance-weighted over output dims, held out), ``cosine`` (mean cosine of prediction and
     truth), ``n_train``, ``n_test``.
     """
-    from sklearn.linear_model import Ridge
-    from sklearn.metrics import r2_score
-    from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
-    from sklearn.neural_network import MLPRegressor
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     def arr(a):
         return a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)
 
@@ -361,8 +345,6 @@ def belief_state_predictability(handle, prompts: Sequence[str], layers: Sequence
     ``e(x_{t+1})`` is the ``embed`` site at position t+1 (the model's input embedding of the next token).
     Sequences are split 75/25 by prompt. Returns ``layer``, ``r2``, ``cosine``, ``n_train``, ``n_test``.
     """
-    from tqdm.auto import tqdm
-
     n_layers = handle.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     if any(not 0 <= layer < n_layers for layer in layers):

@@ -26,7 +26,13 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.neighbors import NearestNeighbors
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from hiddenlens.common.stats import auroc, bootstrap_ci, entropy
 from hiddenlens.probes.reducers import RunningStats
 
 DIM_METHODS = ("participation_ratio", "threshold", "mp_participation_ratio", "twonn")
@@ -49,7 +55,7 @@ def intention_entropy(logits, top_k: int | None = 100, base: float = 2.0) -> tor
     Returns:
         float64 tensor ``[n]`` (a 0-d tensor for 1-D input), in units of ``log(base)``.
         The code's ``+1e-10`` inside the log is not used: ``p log p`` is computed exactly from ``log_softmax``
-        (the two differ by < 1e-8 bits).
+        (the two differ by < 1e-8 bits) by :func:`hiddenlens.common.stats.entropy`.
     """
     x = torch.as_tensor(logits).detach().to(dtype=torch.float64, device="cpu")
     if x.ndim not in (1, 2):
@@ -63,9 +69,7 @@ def intention_entropy(logits, top_k: int | None = 100, base: float = 2.0) -> tor
         if top_k < 1:
             raise ValueError(f"top_k={top_k}: use a positive integer or None (full vocabulary)")
         x = x.topk(min(top_k, x.shape[-1]), dim=-1).values
-    logp = torch.log_softmax(x, dim=-1)
-    h = -(logp.exp() * logp).sum(-1) / math.log(base)
-    return h.clamp_min(0.0)
+    return entropy(x, base=base)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,8 +149,6 @@ def twonn_dimension(x, discard_fraction: float = 0.0) -> float:
     if isinstance(x, RunningStats):
         raise ValueError("TwoNN needs the points themselves (nearest-neighbour distances), not running statistics; "
                          "capture the states with reduce=None or use method='participation_ratio'")
-    from sklearn.neighbors import NearestNeighbors
-
     arr = _as_matrix(x)
     if arr.shape[0] < 3:
         raise ValueError("TwoNN needs at least 3 points")
@@ -241,38 +243,6 @@ def global_threshold_dimensionality(layers: Mapping, variance_threshold: float =
 # ---------------------------------------------------------------------------------------------------------------
 # Recoverability
 # ---------------------------------------------------------------------------------------------------------------
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve (Mann-Whitney form; ties count 1/2, so constant scores give 0.5)."""
-    from scipy.stats import rankdata
-
-    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        raise ValueError("AUROC needs both classes among the labels")
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def bootstrap_auroc_ci(scores, labels, n_boot: int = 1000, seed: int = 42, level: float = 0.95
-                       ) -> tuple[float, float]:
-    """Percentile CI of the AUROC over ``n_boot`` resamples of (score, label) pairs; one-class resamples skipped."""
-    from scipy.stats import rankdata
-
-    s, y = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(s), size=(n_boot, len(s)))
-    ys, ss = y[idx], s[idx]
-    n1 = ys.sum(1)
-    n0 = ys.shape[1] - n1
-    ok = (n1 > 0) & (n0 > 0)
-    if not ok.any():
-        raise ValueError("every bootstrap resample held a single class")
-    ranks = rankdata(ss[ok], axis=1)
-    vals = ((ranks * ys[ok]).sum(1) - n1[ok] * (n1[ok] + 1) / 2) / (n1[ok] * n0[ok])
-    alpha = (1 - level) / 2
-    return float(np.quantile(vals, alpha)), float(np.quantile(vals, 1 - alpha))
-
-
 @dataclass
 class RecoverabilityResult:
     """Outcome of :func:`recoverability`. ``auroc`` is out-of-fold (cv5) or test-set (split) AUROC."""
@@ -305,16 +275,10 @@ def _features(features) -> np.ndarray:
 
 
 def _probe(C: float, seed: int):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, solver="lbfgs", max_iter=1000, random_state=seed))
 
 
 def _cv_scores(x: np.ndarray, y: np.ndarray, n_splits: int, C: float, seed: int) -> np.ndarray:
-    from sklearn.model_selection import StratifiedKFold
-
     oof = np.zeros(len(y))
     for train, test in StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, y):
         oof[test] = _probe(C, seed).fit(x[train], y[train]).predict_proba(x[test])[:, 1]
@@ -322,18 +286,16 @@ def _cv_scores(x: np.ndarray, y: np.ndarray, n_splits: int, C: float, seed: int)
 
 
 def _split_scores(x: np.ndarray, y: np.ndarray, seed: int, c_grid) -> tuple[np.ndarray, np.ndarray, float, float]:
-    from sklearn.model_selection import train_test_split
-
     idx = np.arange(len(y))
     train, rest = train_test_split(idx, test_size=0.4, stratify=y, random_state=seed)
     val, test = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=seed)
     for part, name in ((train, "train"), (val, "validation"), (test, "test")):
         if len(np.unique(y[part])) < 2:
             raise ValueError(f"the {name} split holds a single class; use protocol='cv5' for so few positives")
-    best = max(c_grid, key=lambda c: auroc(_probe(c, seed).fit(x[train], y[train]).predict_proba(x[val])[:, 1],
-                                           y[val]))
+    best = max(c_grid, key=lambda c: auroc(y[val],
+                                           _probe(c, seed).fit(x[train], y[train]).predict_proba(x[val])[:, 1]))
     model = _probe(best, seed).fit(x[train], y[train])
-    return model.predict_proba(x[test])[:, 1], y[test], best, auroc(model.predict_proba(x[train])[:, 1], y[train])
+    return model.predict_proba(x[test])[:, 1], y[test], best, auroc(y[train], model.predict_proba(x[train])[:, 1])
 
 
 def recoverability(features, labels, protocol: str = "cv5", C: float = 1.0, n_boot: int = 1000, seed: int = 42,
@@ -373,20 +335,20 @@ def recoverability(features, labels, protocol: str = "cv5", C: float = 1.0, n_bo
             warnings.warn(f"only {minority} items in the minority class: using {n_splits} folds instead of 5",
                           stacklevel=2)
         scores = _cv_scores(x, y, n_splits, C, seed)
-        value = auroc(scores, y)
-        lo, hi = bootstrap_auroc_ci(scores, y, n_boot, seed)
+        value = auroc(y, scores)
+        lo, hi = bootstrap_ci((y, scores), "auroc", n_resamples=n_boot, seed=seed)
         shuffled = None
         if shuffle_control:
             perm = rng.permutation(y)
-            shuffled = auroc(_cv_scores(x, perm, n_splits, C, seed), perm)
+            shuffled = auroc(perm, _cv_scores(x, perm, n_splits, C, seed))
         return RecoverabilityResult("cv5", value, lo, hi, shuffled, len(y), int(y.sum()), n_splits=n_splits, C=C)
     scores, y_test, best, train_auc = _split_scores(x, y, seed, c_grid)
-    value = auroc(scores, y_test)
-    lo, hi = bootstrap_auroc_ci(scores, y_test, n_boot, seed)
+    value = auroc(y_test, scores)
+    lo, hi = bootstrap_ci((y_test, scores), "auroc", n_resamples=n_boot, seed=seed)
     shuffled = None
     if shuffle_control:
         perm = rng.permutation(y)
         s_scores, s_y, _, _ = _split_scores(x, perm, seed, c_grid)
-        shuffled = auroc(s_scores, s_y)
+        shuffled = auroc(s_y, s_scores)
     return RecoverabilityResult("split", value, lo, hi, shuffled, len(y), int(y.sum()), C=best,
                                 train_auroc=train_auc)

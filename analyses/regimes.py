@@ -11,20 +11,22 @@ worked examples as earlier user/assistant turns), then:
 
 Per regime: accuracy (Wilson 95 % CI), mean H_int (bootstrap 95 % CI), dim_eff per layer and aggregate, and
 Recov: a probe predicting correctness from the intention states (AUROC, bootstrap CI, shuffle control).
-:func:`write_regime_report` writes the report folder with the paper's headline table beside ours.
+The study :mod:`hiddenlens.studies.intention` runs it and writes the report folder with the paper's
+headline table beside ours.
 
 Prompts: the direct and CoT wordings are the authors' code's; the babble wording is INFERRED (methods.md gives
 only "write a long stream of consciousness ... Do NOT solve ...").
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from hiddenlens.common.stats import bootstrap_ci, wilson_ci
 from hiddenlens.probes.capture import capture
 
 from .arithmetic import Problem, few_shot_examples, is_correct, parse_answer
@@ -97,8 +99,6 @@ def intention_pass(handle, prompts: list[list[int]], layers: list[int], batch_si
     Returns ``h_int`` ``[n]`` (bits, top-``top_k``), ``h_int_full`` ``[n]`` (bits, full vocabulary) and
     ``states`` ``[n, len(layers), d_model]`` (float32: ``resid_post`` at the last prompt position).
     """
-    from tqdm.auto import tqdm
-
     n = len(prompts)
     sites = [f"blocks.{layer}.resid_post" for layer in layers]
     h_top, h_full = np.zeros(n), np.zeros(n)
@@ -137,8 +137,6 @@ def generate_with_intention(handle, prompts: list[list[int]], layers: list[int],
     ``post_states`` ``[n, len(layers), d_model]``: the state at the decoding step that produced the item's last
     token (the v1 pilot's post-collapse state).
     """
-    from tqdm.auto import tqdm
-
     n, d = len(prompts), handle.adapter.d_model
     texts: list[str] = [""] * n
     n_new = np.zeros(n, dtype=int)
@@ -172,24 +170,6 @@ def generate_with_intention(handle, prompts: list[list[int]], layers: list[int],
                 post[i] = per_step[j, min(n_new[i], per_step.shape[1]) - 1].float().numpy()
     return {"h_int": h_top, "h_int_full": h_full, "states": states, "texts": texts, "n_new": n_new,
             "post_states": post}
-
-
-def wilson_ci(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a proportion ``k / n``."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def bootstrap_mean_ci(values, n_boot: int = 1000, seed: int = 42) -> tuple[float, float]:
-    """Percentile 95 % CI of the mean over ``n_boot`` resamples."""
-    v = np.asarray(values, np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
-    means = v[idx].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 @dataclass
@@ -271,7 +251,7 @@ def run_regimes(handle, problems: list[Problem], regimes=REGIMES, shots: int = 0
                              "trace": r["trace"], "weight": r["weight"]})
         n, k = len(problems), int(correct.sum())
         lo, hi = wilson_ci(k, n)
-        h_lo, h_hi = bootstrap_mean_ci(gen["h_int"], n_boot, seed)
+        h_lo, h_hi = bootstrap_ci(gen["h_int"], np.mean, n_resamples=n_boot, seed=seed)
         row = {"regime": regime, "shots": shots, "n": n, "correct": k, "accuracy": k / n, "accuracy_ci_low": lo,
                "accuracy_ci_high": hi, "h_int_bits": float(gen["h_int"].mean()), "h_int_ci_low": h_lo,
                "h_int_ci_high": h_hi, "h_int_full_bits": float(gen["h_int_full"].mean()),
@@ -306,156 +286,15 @@ def paired_differences(items: pd.DataFrame, baseline: str = "direct", n_boot: in
     if baseline not in set(items["regime"]):
         return pd.DataFrame()
     base = items[items["regime"] == baseline].set_index("item")
-    rng = np.random.default_rng(seed)
     rows = []
     for regime, part in items[items["regime"] != baseline].groupby("regime", sort=False):
         part = part.set_index("item").loc[base.index]
         d_acc = part["correct"].to_numpy(float) - base["correct"].to_numpy(float)
         d_h = part["h_int_bits"].to_numpy() - base["h_int_bits"].to_numpy()
-        idx = rng.integers(0, len(d_acc), size=(n_boot, len(d_acc)))
         row = {"regime": regime, "baseline": baseline, "n": len(d_acc)}
         for name, d in (("accuracy", d_acc), ("h_int_bits", d_h)):
-            boots = d[idx].mean(1)
-            row |= {f"d_{name}": float(d.mean()), f"d_{name}_ci_low": float(np.quantile(boots, 0.025)),
-                    f"d_{name}_ci_high": float(np.quantile(boots, 0.975))}
+            # the same seed and length draw the same resamples: both differences are resampled jointly
+            lo, hi = bootstrap_ci(d, np.mean, n_resamples=n_boot, seed=seed)
+            row |= {f"d_{name}": float(d.mean()), f"d_{name}_ci_low": lo, f"d_{name}_ci_high": hi}
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def load_regime_results(path) -> RegimeResults:
-    """Read a report folder written by :func:`write_regime_report` back (tables and config; no states)."""
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    if not (path / "summary.json").is_file():
-        raise FileNotFoundError(f"{path} holds no summary.json; is it a regime report folder?")
-    config = json.loads((path / "summary.json").read_text())["config"]
-    tables = {name: pd.read_parquet(path / f"{name}.parquet") for name in ("items", "regimes", "dims")}
-    return RegimeResults(tables["items"], tables["regimes"], tables["dims"], {}, {}, config)
-
-
-def _figures(results: RegimeResults, folder) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    reg = results.regimes
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    x = np.arange(len(reg))
-    panels = ((axes[0], "accuracy", "accuracy", "accuracy"), (axes[1], "h_int_bits", "h_int", "H_int (bits, top-100)"),
-              (axes[2], "recov_auroc", "recov", "Recov AUROC (correctness)"))
-    for ax, col, ci, label in panels:
-        lo, hi = reg[f"{ci}_ci_low"], reg[f"{ci}_ci_high"]
-        err = np.vstack([reg[col] - lo, hi - reg[col]]).clip(min=0)
-        ax.bar(x, reg[col], yerr=np.nan_to_num(err), capsize=4, color=["#4c72b0", "#dd8452", "#55a868"][: len(x)])
-        ax.set_xticks(x, reg["regime"])
-        ax.set_title(label)
-        if col == "recov_auroc":
-            ax.axhline(0.5, color="grey", lw=1, ls="--")
-            ax.set_ylim(0, 1)
-    fig.suptitle(f"{results.config['model']}: n = {results.config['n']}, {results.config['shots']}-shot, 95 % CIs")
-    folder.figure("regimes", fig)
-
-    dims = results.dims[results.dims["state"] == "pre"]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for regime, df in dims.groupby("regime", sort=False):
-        ax.plot(df["layer"], df["participation_ratio"], marker="o", label=regime)
-    ax.set_xlabel("layer (resid_post, last prompt position)")
-    ax.set_ylabel("participation ratio")
-    ax.legend()
-    folder.figure("dim_eff_by_layer", fig)
-
-    items = results.items
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for regime, df in items.groupby("regime", sort=False):
-        ax.hist(df["h_int_bits"], bins=20, alpha=0.5, label=regime)
-    ax.set_xlabel("H_int (bits, top-100)")
-    ax.set_ylabel("items")
-    ax.legend()
-    folder.figure("h_int_hist", fig)
-
-
-def regime_markdown(results: RegimeResults) -> str:
-    """The report's Markdown: our per-regime table beside the paper's headline table."""
-    from .report import markdown_table
-
-    cfg, reg = results.config, results.regimes.copy()
-    ours = pd.DataFrame({
-        "regime": reg["regime"],
-        "accuracy [95% CI]": [f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, lo, hi in
-                              zip(reg["accuracy"], reg["accuracy_ci_low"], reg["accuracy_ci_high"])],
-        "H_int top-100 bits [95% CI]": [f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
-                                        zip(reg["h_int_bits"], reg["h_int_ci_low"], reg["h_int_ci_high"])],
-        "H_int full-vocab bits": reg["h_int_full_bits"].round(2),
-        "dim_eff PR (agg)": reg["dim_eff_pr_agg"].round(2),
-        "dim_eff 90% (global, v1)": reg["dim_eff_90_global"],
-        "Recov AUROC [95% CI] (shuffled)": [
-            f"{a:.3f} [{lo:.3f}, {hi:.3f}] ({s:.3f})" if not math.isnan(a) else f"n/a: {note}"
-            for a, lo, hi, s, note in zip(reg["recov_auroc"], reg["recov_ci_low"], reg["recov_ci_high"],
-                                          reg["recov_shuffled"], reg["recov_note"])],
-        "mean new tokens": reg["mean_new_tokens"].round(1),
-    })
-    lines = [
-        "# Intention Collapse regime experiment", "",
-        f"Model `{cfg['model']}`, {cfg['n']} project-made arithmetic word problems (seeded, exact answers), "
-        f"{cfg['shots']}-shot prompts through the chat template, greedy decoding, new-token budgets "
-        f"{cfg['max_new_tokens']}. Intention state: `resid_post` at the last prompt position of blocks "
-        f"{cfg['layers']}. H_int: {cfg['h_int']}. Recov: {cfg['recoverability']}.", "",
-        "## Ours", "", markdown_table(ours), "",
-        "## Direction of effect (paired over the same items, bootstrap 95 % CI)", "",
-        _paired_text(results), "",
-        "## The paper's headline table (Mistral-7B-Instruct-v0.3 4-bit, GSM8K n = 200)", "",
-        markdown_table(PAPER_TABLE.fillna("")), "",
-        f"Differences that matter when comparing: `{cfg['model']}` instead of a 7B model, easier project-made "
-        "problems instead of GSM8K, shorter generation budgets (CPU), and (unless shots = 0) worked examples in "
-        "the prompt. The paper's v1 dim_eff and probe used post-collapse states (see `post_collapse`).", "",
-        "![regimes](regimes.png)", "", "![dim_eff by layer](dim_eff_by_layer.png)", "", "![H_int](h_int_hist.png)",
-        "",
-    ]
-    if "post_dim_eff_pr_agg" in reg:
-        lines += ["## v1 post-collapse variant", "",
-                  markdown_table(reg[["regime", "post_dim_eff_pr_agg", "post_recov_auroc", "post_recov_ci_low",
-                                      "post_recov_ci_high", "post_recov_shuffled"]]), ""]
-    return "\n".join(lines)
-
-
-def _paired_text(results: RegimeResults) -> str:
-    from .report import markdown_table
-
-    diff = paired_differences(results.items, n_boot=results.config.get("n_boot", 1000),
-                              seed=results.config.get("seed", 42))
-    if diff.empty:
-        return "(needs the direct regime and at least one other)"
-    return markdown_table(pd.DataFrame({
-        "regime - direct": diff["regime"],
-        "accuracy difference [95% CI]": [f"{a:+.3f} [{lo:+.3f}, {hi:+.3f}]" for a, lo, hi in
-                                         zip(diff["d_accuracy"], diff["d_accuracy_ci_low"],
-                                             diff["d_accuracy_ci_high"])],
-        "H_int difference, bits [95% CI]": [f"{a:+.2f} [{lo:+.2f}, {hi:+.2f}]" for a, lo, hi in
-                                            zip(diff["d_h_int_bits"], diff["d_h_int_bits_ci_low"],
-                                                diff["d_h_int_bits_ci_high"])]}))
-
-
-def write_regime_report(results: RegimeResults, out_dir, example_outputs: int = 3, notes: str = ""):
-    """Write the report folder: ``items`` / ``regimes`` / ``dims`` tables (Parquet + CSV), ``summary.json``,
-    ``regimes.png``, ``dim_eff_by_layer.png``, ``h_int_hist.png`` and ``report.md`` (with ``notes`` as a final
-    section, e.g. how the run was sized). Returns the
-    :class:`~hiddenlens.analyses.report.ReportFolder`."""
-    from .report import ReportFolder
-
-    folder = ReportFolder(out_dir)
-    folder.table("items", results.items)
-    folder.table("regimes", results.regimes)
-    folder.table("dims", results.dims)
-    _figures(results, folder)
-    text = regime_markdown(results) + (f"\n## Notes\n\n{notes.strip()}\n" if notes.strip() else "")
-    samples = results.items.groupby("regime", sort=False).head(example_outputs)
-    text += "\n## Example outputs\n\n" + "\n".join(
-        f"- **{r.regime}** (answer {r.answer}, parsed {r.parsed}, correct {r.correct}): "
-        f"`{r.output.strip()[:160].replace('`', chr(39)).replace(chr(10), ' / ')}`" for r in samples.itertuples())
-    folder.markdown(text + "\n")
-    folder.summary({"config": results.config, "regimes": results.regimes.to_dict(orient="records"),
-                    "paper": PAPER_TABLE.to_dict(orient="records")})
-    return folder

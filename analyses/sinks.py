@@ -33,14 +33,22 @@ loss by more than ``eps`` nats (0.01 by default, INFERRED).
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
+
+from hiddenlens.common.stats import entropy
+from hiddenlens.models.tiny import offline_prose
+from hiddenlens.probes.capture import capture
+from hiddenlens.probes.edit import Apply, edit
 
 TAU = 0.8
 TAU_ROW = 0.5
@@ -119,13 +127,12 @@ def pattern_reductions(pattern: torch.Tensor, start: torch.Tensor | None = None)
     query = rel >= 1                                                            # [b, q]
     attn0_sum = (first * query[:, None]).sum(-1)
     # row entropy (normalised by ln(i + 1)), queries i >= 1
-    plogp = torch.where(a > 0, a * a.clamp_min(1e-30).log(), torch.zeros_like(a))
-    row_h = -plogp.sum(-1) / torch.log((rel + 1).clamp_min(2).float())[:, None]
+    row_h = entropy(a.log(), from_log_probs=True) / torch.log((rel + 1).clamp_min(2).float())[:, None]
     row_entropy_sum = (row_h * query[:, None]).sum(-1)
     # column entropy of the renormalised column, keys with at least 2 queries, max over keys
     c = a / col_sum[:, :, None, :].clamp_min(1e-30)
-    clogc = torch.where(c > 0, c * c.clamp_min(1e-30).log(), torch.zeros_like(c))
-    col_h = -clogc.sum(2) / torch.log(seen_by.clamp_min(2).float())[:, None]    # [b, h, k]
+    col_h = entropy(c.log().transpose(2, 3), from_log_probs=True) \
+        / torch.log(seen_by.clamp_min(2).float())[:, None]                      # [b, h, k]
     keyok = (rel >= 0) & (seen_by >= 2)
     col_entropy = torch.where(keyok[:, None], col_h, torch.full_like(col_h, -1.0)).max(-1).values
     return {"mass": mass, "sink_first": mass[:, :, 0], "other_mass": other_mass, "other_pos": other_pos + 1,
@@ -164,7 +171,7 @@ def head_value_norms(v: torch.Tensor, w_o: torch.Tensor, n_heads: int) -> torch.
 
 def o_proj_matrix(handle, layer: int) -> torch.Tensor:
     """The attention output projection of ``layer`` as ``[d_model, n_heads * head_dim]``."""
-    from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D  # heavy dependency (transformers): imported on use
 
     mod = handle.adapter.sub(handle.hf_model, layer, handle.adapter.o_path)
     return (mod.weight.T if isinstance(mod, Conv1D) else mod.weight).detach()
@@ -307,8 +314,6 @@ def sink_analysis(handle, prompts, add_bos: bool = True, max_tokens: int | None 
         tau, tau_row, tau_col: thresholds of ``attends_sink`` and ``sink_head``.
         progress: tqdm bar over batches.
     """
-    from hiddenlens.probes.capture import capture
-
     rows = prepare_prompts(handle, prompts, add_bos, max_tokens)
     layer_ids = _layer_list(handle, layers)
     width = max(len(r) for r in rows)
@@ -332,7 +337,6 @@ def sink_analysis(handle, prompts, add_bos: bool = True, max_tokens: int | None 
     sites = [f"blocks.{spec}.{k}" for k in ("attn.pattern", "attn.scores", "attn.v", "resid_post")]
     batches = list(_batches(rows, batch_size))
     if progress:
-        from tqdm.auto import tqdm
         batches = tqdm(batches, desc="sink metrics", unit="batch")
     with capture(handle, sites, reduce=reduce):
         for idx in batches:
@@ -355,8 +359,6 @@ def sink_scores(handle, prompts, **kwargs) -> pd.DataFrame:
 def head_pattern(handle, prompt, layer: int, head: int, add_bos: bool = True,
                  max_tokens: int | None = None) -> tuple[list[str], np.ndarray]:
     """One head's attention pattern on one prompt: ``(tokens, pattern [pos, pos])`` (float32, rows = queries)."""
-    from hiddenlens.probes.capture import capture
-
     layer = _layer_list(handle, [layer])[0]
     if not 0 <= head < handle.adapter.n_heads:
         raise ValueError(f"head {head} out of range: this model has heads 0..{handle.adapter.n_heads - 1}")
@@ -372,8 +374,6 @@ def sink_leaving_tokens(handle, prompts, layer: int, head: int, add_bos: bool = 
                         max_tokens: int | None = None, batch_size: int = 8, min_count: int = 3) -> pd.DataFrame:
     """Which query tokens make a head leave the sink: per query token, how often it occurs (queries i >= 1) and
     the mean of ``A_i0``; sorted by ``attn_first`` ascending. ``[token, token_id, count, attn_first]``."""
-    from hiddenlens.probes.capture import capture
-
     layer = _layer_list(handle, [layer])[0]
     if not 0 <= head < handle.adapter.n_heads:
         raise ValueError(f"head {head} out of range: this model has heads 0..{handle.adapter.n_heads - 1}")
@@ -431,10 +431,10 @@ class HeadIntervention:
 def intervene_head(handle, layer: int, head: int, mode: str = "zero"):
     """Within the block, head ``head`` of ``layer`` is zeroed (``zero``) or attends only to position 0 (``bos``).
 
-    A forward pre-hook on the layer's output projection (from ``handle.adapter``) rewrites the head's slice of
-    its input (the per-head attention output ``attn.z``); it is removed in ``finally``. ``bos`` copies the head's
-    output at each row's first real position (``report.start``, default 0) to every position: exactly ``v_0``
-    under softmax attention. Yields a :class:`HeadIntervention` that counts what was changed.
+    An edit (:func:`hiddenlens.edit`) of the head's per-head attention output ``blocks.{layer}.attn.z`` (so it runs
+    on every backend). ``bos`` copies the head's output at each row's first real position (``report.start``,
+    default 0) to every position: exactly ``v_0`` under softmax attention. Yields a :class:`HeadIntervention` that
+    counts what was changed.
     """
     a = handle.adapter
     layer = _layer_list(handle, [layer])[0]
@@ -443,24 +443,17 @@ def intervene_head(handle, layer: int, head: int, mode: str = "zero"):
     if mode not in ("zero", "bos"):
         raise ValueError(f"mode {mode!r}: use 'zero' or 'bos'")
     report = HeadIntervention(layer, head, mode)
-    sl = slice(head * a.head_dim, (head + 1) * a.head_dim)
 
-    def pre(module, args):
-        z = args[0].clone()
+    def change(z: torch.Tensor, where) -> torch.Tensor:  # z [batch, 1 head, pos, head_dim]
+        report.changed_positions += int(z.shape[0] * z.shape[2])
         if mode == "zero":
-            z[..., sl] = 0
-        else:
-            start = torch.zeros(z.shape[0], dtype=torch.long) if report.start is None else report.start
-            first = z[torch.arange(z.shape[0], device=z.device), start.to(z.device), sl]   # [b, head_dim]
-            z[..., sl] = first[:, None, :]
-        report.changed_positions += int(z.shape[0] * z.shape[1])
-        return (z,) + tuple(args[1:])
+            return torch.zeros_like(z)
+        start = torch.zeros(z.shape[0], dtype=torch.long) if report.start is None else report.start
+        first = z[torch.arange(z.shape[0], device=z.device), :, start.to(z.device)]   # [b, 1, head_dim]
+        return first[:, :, None, :].expand_as(z).clone()
 
-    hook = a.sub(handle.hf_model, layer, a.o_path).register_forward_pre_hook(pre)
-    try:
+    with edit(handle, {f"blocks.{layer}.attn.z": Apply(change)}, heads=[head]):
         yield report
-    finally:
-        hook.remove()
 
 
 def head_ablation(handle, prompts, heads: Sequence[tuple[int, int]], modes: Sequence[str] = ("zero", "bos"),
@@ -489,7 +482,6 @@ def head_ablation(handle, prompts, heads: Sequence[tuple[int, int]], modes: Sequ
     out = []
     jobs = [(layer, head, m) for layer, head in heads for m in modes]
     if progress:
-        from tqdm.auto import tqdm
         jobs = tqdm(jobs, desc="head interventions", unit="run")
     for layer, head, mode in jobs:
         total, n = 0.0, 0
@@ -522,12 +514,7 @@ def default_domains(handle, n_prompts: int = 40, n_tokens: int = 128) -> dict[st
     """English prose (``pydoc_data.topics``) and Python code (the first 80 stdlib modules beside ``json``), each as
     ``n_prompts`` passages of ``n_tokens`` tokens (BOS first, then ``n_tokens - 1`` text tokens), taken at evenly
     spaced offsets of the text."""
-    import json as _json
-    from pathlib import Path
-
-    from hiddenlens.models.tiny import offline_prose
-
-    stdlib = Path(_json.__file__).parent.parent
+    stdlib = Path(json.__file__).parent.parent
     code = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))[:80])
     out = {}
     for name, text in (("prose", offline_prose()), ("code", code)):

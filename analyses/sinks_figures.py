@@ -1,7 +1,8 @@
 """Figures for the attention-sink analyses: matplotlib for reports, plotly for the dashboard.
 
 Inputs are the tables of :mod:`hiddenlens.analyses.sinks` (``SinkAnalysis.heads`` / ``.layers``) and the training
-histories of :mod:`hiddenlens.models.bigram_backcopy`; nothing here runs a model.
+histories of :mod:`hiddenlens.models.bb_training` (metrics: :mod:`hiddenlens.analyses.bb_metrics`); nothing here
+runs a model.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def _grid(heads: pd.DataFrame, value: str) -> np.ndarray:
 
 def sink_map_figure(by_domain: dict[str, pd.DataFrame], value: str = "dormancy"):
     """Layer x head heatmaps of ``value`` per domain, plus their difference when there are two domains."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy optional dependency: imported on use
 
     names = list(by_domain)
     grids = [_grid(by_domain[n], value) for n in names]
@@ -38,7 +39,7 @@ def sink_map_figure(by_domain: dict[str, pd.DataFrame], value: str = "dormancy")
 def norm_profile_figure(by_domain: dict[str, tuple[pd.DataFrame, pd.DataFrame]]):
     """Across layers: residual norm of position 0 over the max / mean of the others, and the median value-norm
     ratio of position 0 over the rest. ``by_domain``: name -> (layers table, heads table)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy optional dependency: imported on use
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     for name, (layers, _) in by_domain.items():
@@ -58,7 +59,7 @@ def norm_profile_figure(by_domain: dict[str, tuple[pd.DataFrame, pd.DataFrame]])
 
 def sink_map_plotly(heads: pd.DataFrame, value: str = "dormancy", title: str | None = None):
     """A clickable plotly layer x head heatmap of ``value`` (hover shows the sink metrics of the head)."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # heavy optional dependency: imported on use
 
     grid = _grid(heads, value)
     extra = ["sink_first", "other_token", "value_ratio", "logit_gap"]
@@ -76,7 +77,7 @@ def sink_map_plotly(heads: pd.DataFrame, value: str = "dormancy", title: str | N
 
 def head_pattern_plotly(tokens: list[str], pattern: np.ndarray, title: str = ""):
     """A plotly heatmap of one head's pattern (rows = queries, columns = keys)."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # heavy optional dependency: imported on use
 
     labels = [f"{i}:{t!r}" for i, t in enumerate(tokens)]
     fig = go.Figure(go.Heatmap(z=pattern, x=labels, y=labels, colorscale="Blues", zmin=0))
@@ -97,7 +98,7 @@ def bb_curves_figure(history: pd.DataFrame, layer: int = 0):
     ``history``: rows ``[variant, seed, step, L{layer}_<metric>..., trigger_loss, nontrigger_loss,
     bigram_optimum]``. Variants without that layer are skipped for its metrics.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy optional dependency: imported on use
 
     panels = [(f"L{layer}_{m}", t) for m, t in BB_METRICS] + [("trigger_loss", "trigger loss"),
                                                                ("excess_loss", "non-trigger loss - bigram optimum")]

@@ -20,20 +20,21 @@ per-source PCA subspaces aligned by orthogonal Procrustes on paired inputs.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
 
-from hiddenlens.probes.atomic import atomic_path, write_json
+from hiddenlens.common.stats import auroc
+from hiddenlens.probes.capture import capture
+from hiddenlens.probes.direction import Direction
+
+from .truth_data import data_hash, make_statements
 
 METHODS = ("mass_mean", "probe", "repe")
-SITE_OF = {"resid": "resid_post", "heads": "attn.z"}
 
 
 # ---- activations -----------------------------------------------------------------------------------------
@@ -44,8 +45,6 @@ def extract_last_token(handle, texts, layers=None, heads: bool = False, batch_si
     Returns ``{"resid": [n, L, d_model]}`` and, with ``heads=True``, ``{"heads": [n, L, n_heads, head_dim]}``
     (float32, CPU), where ``L = len(layers)`` (all layers by default) in the order given.
     """
-    from hiddenlens.probes.capture import capture
-
     layers = _check_layers(handle, layers)
     if len(texts) == 0:
         raise ValueError("no texts given")
@@ -154,101 +153,7 @@ def auroc_accuracy(u: np.ndarray, detector, X, y) -> tuple[float, float]:
     X, y = _xy(X, y)
     proj = X @ u
     a, b = detector
-    return float(roc_auc_score(y, proj)), float(np.mean((a * proj + b > 0) == (y == 1)))
-
-
-# ---- the direction object --------------------------------------------------------------------------------
-@dataclass
-class Direction:
-    """A truthful direction at one site. ``vector``: unit ``[d]``; ``sigma``: std of projections (units of h).
-
-    ``site`` is ``resid_post`` (``head`` None, d = d_model) or ``attn.z`` (``head`` set, d = head_dim).
-    ``detector = (a, b)``: ``p_true = sigmoid(a * (h . vector) + b)``.
-    """
-
-    vector: torch.Tensor
-    sigma: float
-    layer: int
-    site: str = "resid_post"
-    head: int | None = None
-    method: str = "mass_mean"
-    model: str = ""
-    data_hash: str = ""
-    detector: tuple[float, float] = (1.0, 0.0)
-    metrics: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        where = f"L{self.layer}" + (f"H{self.head}" if self.head is not None else "")
-        return f"{self.method}@{where}"
-
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """``h . vector`` over the last axis (``[..., d]`` -> ``[...]``)."""
-        if h.shape[-1] != self.vector.numel():
-            raise ValueError(f"activation width {h.shape[-1]} does not match direction width {self.vector.numel()}")
-        return h.float() @ self.vector.float().to(h.device)
-
-    def p_true(self, h: torch.Tensor) -> torch.Tensor:
-        a, b = self.detector
-        return torch.sigmoid(a * self.project(h) + b)
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``path.safetensors`` (the vector) and ``path.json`` (everything else); returns the stem."""
-        from safetensors.torch import save_file
-
-        stem = Path(str(path).removesuffix(".safetensors").removesuffix(".json"))
-        with atomic_path(stem.with_suffix(".safetensors")) as tmp:
-            save_file({"vector": self.vector.detach().float().cpu().contiguous()}, str(tmp))
-        meta = {k: getattr(self, k) for k in ("sigma", "layer", "site", "head", "method", "model", "data_hash",
-                                               "metrics")}
-        meta["detector"] = list(self.detector)
-        write_json(stem.with_suffix(".json"), meta)
-        return stem
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Direction":
-        """Read a direction written by :meth:`save` (``path`` with or without suffix)."""
-        from safetensors.torch import load_file
-
-        stem = Path(str(path).removesuffix(".safetensors").removesuffix(".json"))
-        for p in (stem.with_suffix(".safetensors"), stem.with_suffix(".json")):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} not found: a direction is a .safetensors + .json pair "
-                                        "(write one with `hiddenlens truth directions`)")
-        meta = json.loads(stem.with_suffix(".json").read_text())
-        meta["detector"] = tuple(meta["detector"])
-        return cls(vector=load_file(str(stem.with_suffix(".safetensors")))["vector"], **meta)
-
-
-def save_directions(directions: list[Direction], path: str | Path) -> Path:
-    """Several directions (e.g. ITI's top-K heads) in one ``.safetensors`` + ``.json`` pair."""
-    from safetensors.torch import save_file
-
-    stem = Path(str(path).removesuffix(".safetensors").removesuffix(".json"))
-    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
-        save_file({f"vector.{i}": d.vector.detach().float().cpu().contiguous() for i, d in enumerate(directions)},
-                  str(tmp))
-    metas = []
-    for d in directions:
-        m = {k: getattr(d, k) for k in ("sigma", "layer", "site", "head", "method", "model", "data_hash", "metrics")}
-        metas.append(m | {"detector": list(d.detector)})
-    write_json(stem.with_suffix(".json"), {"directions": metas})
-    return stem
-
-
-def load_directions(path: str | Path) -> list[Direction]:
-    """Read a file written by :func:`save_directions` or :meth:`Direction.save` (always returns a list)."""
-    from safetensors.torch import load_file
-
-    stem = Path(str(path).removesuffix(".safetensors").removesuffix(".json"))
-    if not stem.with_suffix(".json").is_file():
-        raise FileNotFoundError(f"{stem}.json not found (write directions with `hiddenlens truth directions`)")
-    meta = json.loads(stem.with_suffix(".json").read_text())
-    if "directions" not in meta:
-        return [Direction.load(stem)]
-    vecs = load_file(str(stem.with_suffix(".safetensors")))
-    return [Direction(vector=vecs[f"vector.{i}"], **(m | {"detector": tuple(m["detector"])}))
-            for i, m in enumerate(meta["directions"])]
+    return auroc(y, proj), float(np.mean((a * proj + b > 0) == (y == 1)))
 
 
 # ---- sweeps ----------------------------------------------------------------------------------------------
@@ -274,15 +179,13 @@ def head_sweep(train: torch.Tensor, y_train, val: torch.Tensor, y_val, test: tor
 
     Returns ``layer, head, val_accuracy, test_auroc`` (test AUROC of the probe's decision function).
     """
-    from tqdm.auto import tqdm
-
     _, y_train = _xy(train[:, 0, 0], y_train)
     rows = []
     cells = [(j, h) for j in range(len(layers)) for h in range(train.shape[2])]
     for j, h in tqdm(cells, desc="head probes", disable=not progress):
         lr = LogisticRegression(max_iter=1000, random_state=seed).fit(train[:, j, h].double().numpy(), y_train)
         val_acc = lr.score(val[:, j, h].double().numpy(), np.asarray(y_val))
-        auc = roc_auc_score(np.asarray(y_test), lr.decision_function(test[:, j, h].double().numpy()))
+        auc = auroc(np.asarray(y_test), lr.decision_function(test[:, j, h].double().numpy()))
         rows.append(dict(layer=layers[j], head=h, val_accuracy=float(val_acc), test_auroc=float(auc)))
     return pd.DataFrame(rows)
 
@@ -306,8 +209,8 @@ def iti_directions(heads_acts: torch.Tensor, y, layers, selected, model: str = "
         if table is not None:
             row = table[(table["layer"] == layer) & (table["head"] == head)].iloc[0]
             metrics = {"val_accuracy": float(row.val_accuracy), "test_auroc": float(row.test_auroc)}
-        out.append(Direction(torch.from_numpy(u).float(), sigma, layer, "attn.z", head, "mass_mean", model,
-                             data_hash, det, metrics))
+        out.append(Direction(torch.from_numpy(u).float(), sigma, f"blocks.{layer}.attn.z", head, "mass_mean",
+                             model, data_hash, det, metrics))
     return out
 
 
@@ -334,15 +237,11 @@ def token_scores(handle, direction: Direction, prompt: str, max_new_tokens: int 
     reads ``direction``'s site at every position. Returns ``position, token, generated, projection, p_true``
     (projection in units of h; p_true from the direction's detector).
     """
-    from hiddenlens.probes.capture import capture
-
-    if direction.site not in SITE_OF.values():
-        raise ValueError(f"direction site {direction.site!r} is not one of {tuple(SITE_OF.values())}")
     ids = handle.tokenize([prompt], add_bos=add_bos).input_ids
     n_prompt = ids.shape[1]
     if max_new_tokens > 0:
         ids = handle.generate(ids, max_new_tokens=max_new_tokens).sequences
-    site = f"blocks.{direction.layer}.{direction.site}"
+    site = direction.site
     with capture(handle, [site], to="cpu") as cache:
         handle.run(ids, logits=False)
     h = cache[site][0]
@@ -392,9 +291,9 @@ def subspace_transfer(src_train, y_src, tgt_test, y_tgt, src_pair, tgt_pair, k: 
     R = procrustes((tgt_pair - mt) @ Pt.T, (src_pair - ms) @ Ps.T)
     probe = LogisticRegression(max_iter=1000).fit((src_train - ms) @ Ps.T, y_src)
     zt = (tgt_test - mt) @ Pt.T
-    return {"k": k, "auroc_aligned": float(roc_auc_score(y_tgt, probe.decision_function(zt @ R))),
-            "auroc_unaligned": float(roc_auc_score(y_tgt, probe.decision_function(zt))),
-            "auroc_source_train": float(roc_auc_score(y_src, probe.decision_function((src_train - ms) @ Ps.T)))}
+    return {"k": k, "auroc_aligned": auroc(y_tgt, probe.decision_function(zt @ R)),
+            "auroc_unaligned": auroc(y_tgt, probe.decision_function(zt)),
+            "auroc_source_train": auroc(y_src, probe.decision_function((src_train - ms) @ Ps.T))}
 
 
 def class_matched_pairs(y_a, y_b, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -440,8 +339,6 @@ def fit_truth(handle, family: str = "capitals", transfer_families=(), layers=Non
     directions (best layer by held-out probe AUROC, one per method; ITI heads) are refitted on train + val.
     ``k_heads=0`` skips the per-head analysis.
     """
-    from .truth_data import data_hash, make_statements
-
     layers = _check_layers(handle, layers)
     families = [family] + [f for f in transfer_families if f != family]
     df = make_statements(families, seed=seed)
@@ -464,7 +361,7 @@ def fit_truth(handle, family: str = "capitals", transfer_families=(), layers=Non
         u, sigma, det = fit_direction(acts["resid"][trva][:, j], y[trva], method,
                                       df.pair_id.to_numpy()[trva.numpy()], seed)
         row = table[(table.method == method) & (table.layer == best_layer)].iloc[0]
-        directions[method] = Direction(torch.from_numpy(u).float(), sigma, best_layer, "resid_post", None, method,
+        directions[method] = Direction(torch.from_numpy(u).float(), sigma, f"blocks.{best_layer}.resid_post", None, method,
                                        model, dh, det, {"test_auroc": float(row.auroc),
                                                         "test_accuracy": float(row.accuracy), "family": family})
     heads_table, iti = None, []
@@ -490,57 +387,3 @@ def fit_truth(handle, family: str = "capitals", transfer_families=(), layers=Non
                "directions": {k: {"sigma": d.sigma, **d.metrics} for k, d in directions.items()},
                "iti_heads": [[d.layer, d.head] for d in iti]}
     return TruthResult(table, heads_table, transfer, projections, directions, iti, best_layer, summary)
-
-
-def write_truth_report(result: TruthResult, folder) -> Path:
-    """Write tables, directions (``direction_<method>``, ``iti_heads``), figures and ``report.md``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import ReportFolder, markdown_table
-
-    rf = ReportFolder(folder)
-    rf.table("layers", result.layers)
-    for method, d in result.directions.items():
-        d.save(rf.path / f"direction_{method}")
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    for method, g in result.layers.groupby("method", sort=False):
-        ax[0].plot(g.layer, g.auroc, marker=".", label=method)
-    ax[0].axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax[0].set(xlabel="layer", ylabel="held-out AUROC", title=f"{result.summary['family']}: probe per layer")
-    ax[0].legend()
-    for label, g in result.projections.groupby("label"):
-        ax[1].hist(g.projection, bins=20, alpha=0.6, label="true" if label == 1 else "false")
-    ax[1].set(xlabel=f"projection on {result.directions[next(iter(result.directions))].name}",
-              ylabel="test statements", title="held-out projections")
-    ax[1].legend()
-    rf.figure("auroc_by_layer", fig)
-    rf.table("projections", result.projections)
-    md = [f"# Truthful directions: {result.summary['model']}, family `{result.summary['family']}`", "",
-          f"Best layer by held-out probe AUROC: **{result.best_layer}** "
-          f"(AUROC {result.summary['best_probe_auroc']:.3f}). Splits are by entity.", "",
-          "![AUROC by layer](auroc_by_layer.png)", "", "## Per layer (held-out)", "",
-          markdown_table(result.layers.pivot(index="layer", columns="method", values="auroc").reset_index())]
-    if result.heads is not None:
-        rf.table("heads", result.heads)
-        save_directions(result.iti, rf.path / "iti_heads")
-        top = result.heads.sort_values("val_accuracy", ascending=False, kind="stable").head(len(result.iti))
-        md += ["", f"## ITI top-{len(result.iti)} heads (validation accuracy)", "", markdown_table(top.head(10))]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        grid = result.heads.pivot(index="layer", columns="head", values="val_accuracy")
-        im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", origin="lower",
-                       extent=(-0.5, grid.shape[1] - 0.5, grid.index.min() - 0.5, grid.index.max() + 0.5))
-        fig.colorbar(im, label="validation accuracy")
-        ax.set(xlabel="head", ylabel="layer", title="per-head probe accuracy (attn.z, last token)")
-        rf.figure("heads", fig)
-        md += ["", "![per-head accuracy](heads.png)"]
-    if result.transfer is not None:
-        rf.table("transfer", result.transfer)
-        md += ["", f"## Cross-family transfer (mass-mean, layer {result.best_layer}, held-out AUROC)", "",
-               markdown_table(result.transfer.pivot(index="train_family", columns="test_family",
-                                                    values="auroc").reset_index())]
-    rf.summary(result.summary)
-    rf.markdown("\n".join(md) + "\n")
-    return rf.path

@@ -20,10 +20,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
-from hiddenlens.probes.atomic import atomic_path
+from hiddenlens.common.files import atomic_path
+from hiddenlens.common.stats import kl_divergence, log_probs
 from hiddenlens.probes.capture import capture
 
 
@@ -61,8 +65,6 @@ class TunedLens(nn.Module):
     # ---- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the translators to ``path`` (safetensors, atomic) with ``layers``/``d_model``/``model`` metadata."""
-        from safetensors.torch import save_file
-
         meta = {"format": "hiddenlens.tuned_lens", "layers": json.dumps(self.layers), "d_model": str(self.d_model),
                 "model": self.model}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -73,9 +75,6 @@ class TunedLens(nn.Module):
     @classmethod
     def load(cls, path: str | Path, handle=None) -> "TunedLens":
         """Read a lens written by :meth:`save`; with ``handle``, check that its width and depth fit the model."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tuned lens at {path}; train one with `hiddenlens train-lens`")
@@ -108,8 +107,6 @@ def collect_states(handle, prompts: Sequence[str], layers: Sequence[int], max_to
 
     Stops after ``max_tokens`` tokens (memory: n_tokens x (depth + 1) x d floats).
     """
-    from tqdm.auto import tqdm
-
     sites = [("embed" if layer < 0 else f"blocks.{layer}.resid_post") for layer in layers] + ["final_norm"]
     states, finals, total = [], [], 0
     prompts = list(prompts)
@@ -133,11 +130,10 @@ def lens_kl(handle, lens: TunedLens, states: torch.Tensor, final_normed: torch.T
     out = np.zeros(len(lens.layers))
     with torch.no_grad():
         for start in range(0, len(states), chunk):
-            final = torch.log_softmax(_readout(handle, final_normed[start:start + chunk]).float(), -1)
+            final = log_probs(_readout(handle, final_normed[start:start + chunk]))
             for j, layer in enumerate(lens.layers):
-                logp = torch.log_softmax(_readout(handle, lens.translate(states[start:start + chunk, j], layer))
-                                         .float(), -1)
-                out[j] += float((final.exp() * (final - logp)).sum())
+                logp = log_probs(_readout(handle, lens.translate(states[start:start + chunk, j], layer)))
+                out[j] += float(kl_divergence(final, logp, from_log_probs=True).sum())
     return out / len(states)
 
 
@@ -151,8 +147,6 @@ def train_tuned_lens(handle, prompts: Sequence[str], steps: int = 50, tokens_per
     Cost per step is ``depth x tokens_per_step x d_model x vocab`` multiply-adds, three times (forward + backward):
     about 11 s per step on 2 CPU cores for the embedded model at 64 tokens per step.
     """
-    from tqdm.auto import tqdm
-
     if steps < 1 or tokens_per_step < 1:
         raise ValueError("steps and tokens_per_step must be positive")
     lens = lens or TunedLens.for_model(handle, include_embed)
@@ -166,12 +160,12 @@ def train_tuned_lens(handle, prompts: Sequence[str], steps: int = 50, tokens_per
     for step in tqdm(range(steps), desc="train tuned lens", disable=not progress):
         idx = torch.randint(0, len(states), (min(tokens_per_step, len(states)),), generator=gen).to(handle.device)
         with torch.no_grad():
-            final = torch.log_softmax(_readout(handle, final_normed[idx]).float(), -1)
+            final = log_probs(_readout(handle, final_normed[idx]))
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for j, layer in enumerate(lens.layers):  # one graph per depth keeps memory at one [tokens, vocab] logit
-            logp = torch.log_softmax(_readout(handle, lens.translate(states[idx, j], layer)).float(), -1)
-            loss = (final.exp() * (final - logp)).sum(-1).mean()
+            logp = log_probs(_readout(handle, lens.translate(states[idx, j], layer)))
+            loss = kl_divergence(final, logp, from_log_probs=True).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"tuned-lens loss became {loss.item()} at step {step}, depth {layer}; "
                                          "lower lr")

@@ -27,22 +27,33 @@ import platform
 import statistics
 import time
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
 import torch
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from hiddenlens.common.files import write_json
+from hiddenlens.models.tiny import offline_prose
+from hiddenlens.probes import capture, load_model
+from hiddenlens.probes.backends.nnsight import wrap_nnsight
+from hiddenlens.probes.backends.transformer_lens import wrap_transformer_lens
+from hiddenlens.probes.sites import parse_layers
 
 #: contenders per scenario, in the order they run inside each repetition
 SCENARIOS = {
     "resid_post": ("plain", "hiddenlens", "hf_hidden_states", "transformer_lens", "bridge_plain", "nnsight"),
     "resid_post+pattern": ("plain", "hiddenlens", "hf_hidden_states", "transformer_lens", "nnsight"),
+    "one_layer": ("plain", "hiddenlens", "hiddenlens_full"),
 }
+#: the ``one_layer`` scenario reads the output of this share of the blocks (layer 12 of 30)
+STOP_SHARE = 0.4
 
 
 def benchmark_input(handle, batch: int, tokens: int) -> torch.Tensor:
     """``[batch, tokens]`` token ids of offline English prose (CPython's help topics), no padding."""
-    from hiddenlens.models.tiny import offline_prose
-
     ids = handle.tokenizer(offline_prose(400_000), add_special_tokens=False)["input_ids"]
     need = batch * tokens
     if len(ids) < need:
@@ -64,8 +75,6 @@ def _attention(model, impl: str | None):
 
 def contenders(handle, bridge, lm, ids: torch.Tensor, pattern_layer: int | None) -> dict[str, Callable[[], None]]:
     """The zero-argument callables timed for one scenario (``pattern_layer`` None: resid_post only)."""
-    import hiddenlens as hl
-
     m, n = handle.hf_model, handle.n_layers
     mask = torch.ones_like(ids)
     sites = [f"blocks.{i}.resid_post" for i in range(n)]
@@ -79,7 +88,7 @@ def contenders(handle, bridge, lm, ids: torch.Tensor, pattern_layer: int | None)
         m(input_ids=ids, attention_mask=mask, use_cache=False)
 
     def hiddenlens():
-        with hl.capture(handle, sites):
+        with capture(handle, sites):
             m(input_ids=ids, attention_mask=mask, use_cache=False)
 
     def hf_hidden_states():
@@ -109,6 +118,25 @@ def contenders(handle, bridge, lm, ids: torch.Tensor, pattern_layer: int | None)
             "transformer_lens": transformer_lens, "bridge_plain": bridge_plain, "nnsight": nnsight}
 
 
+def stop_contenders(handle, ids: torch.Tensor, layer: int) -> dict[str, Callable[[], None]]:
+    """Reading one layer: ``run(logits=False)`` stops after that block; ``hiddenlens_full`` runs every block and
+    the LM head (what every capture cost before it could stop)."""
+    m, mask, site = handle.hf_model, torch.ones_like(ids), f"blocks.{layer}.resid_post"
+
+    def plain():
+        m(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def hiddenlens():
+        with capture(handle, site):
+            handle.run(ids, logits=False)
+
+    def hiddenlens_full():
+        with capture(handle, site):
+            handle.run(ids)
+
+    return {"plain": plain, "hiddenlens": hiddenlens, "hiddenlens_full": hiddenlens_full}
+
+
 def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
     """``(wall seconds, CPU seconds of this process, all threads)`` of one call."""
     if device.type == "cuda":
@@ -125,15 +153,24 @@ def _summary(times: dict[str, dict[str, list[float]]]) -> tuple[dict, dict, dict
     """Medians, ratios to ``plain`` and the goal checks of one metric."""
     med = {s: {c: statistics.median(v) for c, v in per.items()} for s, per in times.items()}
     ratio = {s: {c: m[c] / m["plain"] for c in m} for s, m in med.items()}
-    resid = ratio["resid_post"]
+    resid, one = ratio["resid_post"], ratio["one_layer"]
     goal = {"resid_capture_within_1.05x_plain": resid["hiddenlens"] <= 1.05,
             "faster_than_transformer_lens": resid["hiddenlens"] < resid["transformer_lens"],
-            "faster_than_nnsight": resid["hiddenlens"] < resid["nnsight"]}
+            "faster_than_nnsight": resid["hiddenlens"] < resid["nnsight"],
+            "one_layer_stops_early (<= 0.55x plain)": one["hiddenlens"] <= 0.55}
     return med, ratio, goal
 
 
+def one_layer(spec: int | str, n_layers: int, what: str) -> int:
+    """One block index through :func:`hiddenlens.probes.sites.parse_layers` (``12``, ``"-1"``)."""
+    got = parse_layers(spec, n_layers, what=what)
+    if len(got) != 1:
+        raise ValueError(f"{what}: {spec!r} names {len(got)} layers; give exactly one")
+    return got[0]
+
+
 def run_capture_benchmark(model: str = "smollm2-135m-instruct", batch: int = 8, tokens: int = 128, reps: int = 5,
-                          device: str = "auto", dtype: str = "auto", pattern_layer: int | None = None,
+                          device: str = "auto", dtype: str = "auto", pattern_layer: int | str | None = None,
                           threads: int | None = None, progress: bool = True) -> dict:
     """Run both scenarios; returns the result dict (seconds per forward, medians and ratios).
 
@@ -141,27 +178,23 @@ def run_capture_benchmark(model: str = "smollm2-135m-instruct", batch: int = 8, 
     costs; on a shared machine it is the steadier of the two, since time spent descheduled is not counted).
     ``threads`` sets ``torch.set_num_threads`` first (1 keeps thread-pool spinning out of the CPU time).
     """
-    import hiddenlens as hl
-    from hiddenlens.models.backends import wrap
-
     if reps < 1:
         raise ValueError(f"reps={reps}: need at least one timed repetition")
     if threads is not None:
         torch.set_num_threads(threads)
-    handle = hl.load_model(model, device=device, dtype=dtype)
+    handle = load_model(model, device=device, dtype=dtype)
     n = handle.n_layers
-    layer = n // 2 if pattern_layer is None else pattern_layer
-    if not -n <= layer < n:
-        raise ValueError(f"pattern layer {layer} is out of range: this model has {n} blocks (0-{n - 1})")
-    layer %= n
-    bridge, lm = wrap(handle, "transformer_lens"), wrap(handle, "nnsight")  # over the same weights
+    layer = n // 2 if pattern_layer is None else one_layer(pattern_layer, n, "--pattern-layer")
+    bridge, lm = wrap_transformer_lens(handle), wrap_nnsight(handle)  # over the same weights
     ids = benchmark_input(handle, batch, tokens)
-    plan = {name: contenders(handle, bridge, lm, ids, layer if "pattern" in name else None) for name in SCENARIOS}
+    stop_layer = max(0, int(round(STOP_SHARE * n)) - 1) if n > 1 else 0
+    plan = {name: contenders(handle, bridge, lm, ids, layer if "pattern" in name else None)
+            for name in SCENARIOS if name != "one_layer"}
+    plan["one_layer"] = stop_contenders(handle, ids, stop_layer)
     times: dict[str, dict[str, list[float]]] = {s: {c: [] for c in cs} for s, cs in SCENARIOS.items()}
     cpu_times: dict[str, dict[str, list[float]]] = {s: {c: [] for c in cs} for s, cs in SCENARIOS.items()}
     rounds = range(reps + 1)
     if progress:
-        from tqdm.auto import tqdm
         rounds = tqdm(rounds, desc="repetitions (first is warm-up)", unit="rep")
     for r in rounds:
         gc.collect()  # once per round, untimed: no contender pays for another's garbage
@@ -174,7 +207,8 @@ def run_capture_benchmark(model: str = "smollm2-135m-instruct", batch: int = 8, 
     result = {
         "model": handle.spec, "device": str(handle.device), "dtype": str(handle.dtype).replace("torch.", ""),
         "attn_implementation": handle.hf_model.config._attn_implementation, "batch": batch, "tokens": tokens,
-        "reps": reps, "pattern_layer": layer, "torch_threads": torch.get_num_threads(),
+        "reps": reps, "pattern_layer": layer, "stop_layer": stop_layer, "n_layers": n,
+        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "versions": _versions(), "seconds": times, "cpu_seconds": cpu_times,
@@ -185,15 +219,11 @@ def run_capture_benchmark(model: str = "smollm2-135m-instruct", batch: int = 8, 
 
 
 def _versions() -> dict:
-    from importlib.metadata import version
-
     return {name: version(name) for name in ("torch", "transformers", "transformer-lens", "nnsight")}
 
 
 def print_table(result: dict, console) -> None:
     """A rich table: median seconds per forward, ratio to the plain forward, and hiddenlens' speed-up."""
-    from rich.table import Table
-
     for scenario, med in result["median_s"].items():
         title = (f"{scenario}: {result['model']} {result['device']} {result['dtype']}, batch {result['batch']} x "
                  f"{result['tokens']} tokens, median of {result['reps']} interleaved reps")
@@ -214,8 +244,6 @@ def print_table(result: dict, console) -> None:
 
 def write_result(result: dict, out: Path) -> Path:
     """Write the result as JSON (atomically); returns the path."""
-    from hiddenlens.probes.atomic import write_json
-
     out = Path(out)
     if out.suffix != ".json":
         out = out / "capture.json"

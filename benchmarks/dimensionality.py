@@ -15,6 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from hiddenlens.common.files import write_json
+
 _CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
@@ -49,11 +54,6 @@ print(json.dumps({"method": method, "seconds": time.perf_counter() - t, "partici
 
 def run_benchmark(n: int = 100_000, d: int = 576, chunk: int = 4096, out: Path | None = None) -> dict:
     """Run both methods, print the side-by-side table, optionally write ``out`` (JSON); returns the results."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from hiddenlens.probes.atomic import write_json
-
     if n < 2 or d < 1 or chunk < 1:
         raise ValueError("n >= 2, d >= 1 and chunk >= 1 are required")
     rows = {}

@@ -20,6 +20,15 @@ import statistics
 import time
 
 import torch
+from rich.console import Console
+from rich.table import Table
+
+from hiddenlens.studies.steering import random_like
+from hiddenlens.benchmarks.capture import one_layer
+from hiddenlens.common.files import write_json
+from hiddenlens.interventions.steer import steer_generate
+from hiddenlens.probes import ModelHandle, load_model
+from hiddenlens.probes.direction import Direction
 
 PROMPT_POOL = ["The capital of France is", "Explain why the sky is blue.", "Write a haiku about rivers.",
                "List three prime numbers:", "In 1969, the first person to walk on the Moon",
@@ -28,29 +37,18 @@ PROMPT_POOL = ["The capital of France is", "Explain why the sky is blue.", "Writ
 
 def _peers(handle):
     """nnsight and TransformerLens handles over the same weights (no reload)."""
-    from hiddenlens.models.handle import ModelHandle
-    from hiddenlens.probes.nnsight_hooks import wrap_nnsight
-    from hiddenlens.probes.tl_hooks import wrap_transformer_lens
-
-    nn = ModelHandle(handle.hf_model, handle.tokenizer, handle.adapter, handle.spec, "nnsight",
-                     wrapped=wrap_nnsight(handle))
-    tl = ModelHandle(handle.hf_model, handle.tokenizer, handle.adapter, handle.spec, "transformer_lens",
-                     wrapped=wrap_transformer_lens(handle))
+    nn = ModelHandle(handle.hf_model, handle.tokenizer, handle.adapter, handle.spec, "nnsight")
+    tl = ModelHandle(handle.hf_model, handle.tokenizer, handle.adapter, handle.spec, "transformer_lens")
     return nn, tl
 
 
-def run_steer_benchmark(model: str = "smollm2-135m-instruct", layer: int = 12, alpha: float = 4.0,
+def run_steer_benchmark(model: str = "smollm2-135m-instruct", layer: int | str = 12, alpha: float = 4.0,
                         new_tokens: int = 64, batch_sizes=(1, 8), repeats: int = 3, peers: bool = True,
-                        out: str | None = None) -> dict:
+                        out: str | None = None, device: str = "auto", dtype: str = "auto") -> dict:
     """Measure and print the table; write JSON to ``out`` when given. Returns the result dict."""
-    import hiddenlens as hl
-    from hiddenlens.analyses.steer_eval import random_like
-    from hiddenlens.analyses.truth import Direction
-    from hiddenlens.interventions.steer import steer_generate
-    from hiddenlens.probes.atomic import write_json
-
-    handle = hl.load_model(model)
-    d = random_like([Direction(torch.zeros(handle.adapter.d_model), 3.5, layer)], seed=0)[0]
+    handle = load_model(model, device=device, dtype=dtype)
+    layer = one_layer(layer, handle.n_layers, "--layer")
+    d = random_like([Direction(torch.zeros(handle.adapter.d_model), 3.5, f"blocks.{layer}.resid_post")], seed=0)[0]
     vec = (alpha * d.sigma * d.vector).to(handle.device, handle.dtype)
     gen_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     nn, tl = _peers(handle) if peers else (None, None)
@@ -111,9 +109,6 @@ def run_steer_benchmark(model: str = "smollm2-135m-instruct", layer: int = 12, a
 
 
 def _print(rows) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title="steered generate, tokens/s (median of interleaved rounds, one run)")
     for c in ("batch", "variant", "tokens/s", "x plain", "same tokens as hiddenlens"):
         t.add_column(c)

@@ -12,6 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from rich.table import Table
+
+from hiddenlens.common.files import write_json
+from hiddenlens.models.tiny import offline_prose
+
 _CHILD = r"""
 import json, resource, sys, time
 import hiddenlens as hl
@@ -29,18 +34,12 @@ print(json.dumps({"prompts": n, "seconds": time.perf_counter() - t,
 
 
 def _prompts(n: int, words: int = 24) -> list[str]:
-    from hiddenlens.models.tiny import offline_prose
-
     tokens = offline_prose().split()
     return [" ".join(tokens[i * words:(i + 1) * words]) for i in range(n)]
 
 
 def run_store_benchmark(model: str, n_prompts: int, out: Path, sites: list[str], console) -> dict:
     """Run the three sizes, print a table, write ``out/store_rss.json``; returns the result dict."""
-    from rich.table import Table
-
-    from hiddenlens.probes.atomic import write_json
-
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

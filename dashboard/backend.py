@@ -12,6 +12,18 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from hiddenlens.analyses import sinks
+from hiddenlens.analyses.intention import intention_entropy
+from hiddenlens.analyses.iteration import summarize, token_table
+from hiddenlens.analyses.truth import token_scores
+from hiddenlens.analyses.tuned_lens import TunedLens
+from hiddenlens.interventions.decider import EntropyDecider, load_decider
+from hiddenlens.interventions.iterate import iterate_teacher_forced
+from hiddenlens.interventions.replace import compare_replacement
+from hiddenlens.interventions.steer import steer_generate
+from hiddenlens.studies import intention as intention_study
+from hiddenlens.studies import truth as truth_study
+
 from . import attention, lens, results, truthview
 from .modelstore import ModelKey, get_model
 
@@ -22,7 +34,7 @@ def model_card(key: ModelKey) -> dict:
     """Spec, source, backend, device, dtype, parameter count and the adapter's architecture description."""
     handle = get_model(key)
     n_params = sum(p.numel() for p in handle.hf_model.parameters())
-    return {"spec": handle.spec, "source": handle.info.get("source", ""), "backend": handle.backend,
+    return {"spec": handle.spec, "source": handle.info.get("source", ""), "backend": handle.backend.name,
             "device": str(handle.device), "dtype": str(handle.dtype).replace("torch.", ""),
             "parameters": n_params, "architecture": handle.adapter.describe()}
 
@@ -40,8 +52,6 @@ def site_table(key: ModelKey) -> pd.DataFrame:
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the tuned lens...")
 def _tuned_lens(key: ModelKey, path: str, mtime_ns: int):
-    from hiddenlens.analyses.tuned_lens import TunedLens
-
     return TunedLens.load(path, get_model(key)).to(get_model(key).device)
 
 
@@ -65,8 +75,6 @@ SINK_METRICS = {"dormancy": "dormancy (mean attention on the first token)", "sin
 @st.cache_resource(max_entries=16, show_spinner="Measuring attention sinks at every layer and head...")
 def sink_analysis(key: ModelKey, prompt: str, max_tokens: int = 96):
     """``hiddenlens.analyses.sinks.sink_analysis`` of one prompt (BOS prepended): ``.heads``, ``.layers``."""
-    from hiddenlens.analyses import sinks
-
     return sinks.sink_analysis(get_model(key), [prompt], add_bos=True, max_tokens=max_tokens)
 
 
@@ -74,8 +82,6 @@ def sink_analysis(key: ModelKey, prompt: str, max_tokens: int = 96):
 def head_pattern(key: ModelKey, prompt: str, layer: int, head: int, max_tokens: int = 96, max_size: int = 64
                  ) -> tuple[list[str], np.ndarray, int]:
     """``(tokens, pattern, pooling factor)`` of one head; patterns longer than ``max_size`` are average-pooled."""
-    from hiddenlens.analyses import sinks
-
     tokens, pattern = sinks.head_pattern(get_model(key), prompt, layer, head, add_bos=True, max_tokens=max_tokens)
     pooled, factor = attention.pool(pattern, max_size)
     return lens.token_strings_from_text(tokens), pooled, factor
@@ -84,8 +90,6 @@ def head_pattern(key: ModelKey, prompt: str, layer: int, head: int, max_tokens: 
 @st.cache_resource(max_entries=4, show_spinner="Running the sink metrics on prose and on code...")
 def domain_sinks(key: ModelKey, n_prompts: int = 4, n_tokens: int = 64) -> tuple[dict, pd.DataFrame]:
     """Sink analyses of offline prose and Python code (``sinks.default_domains``) and their per-head contrast."""
-    from hiddenlens.analyses import sinks
-
     handle = get_model(key)
     by_domain = {name: sinks.sink_analysis(handle, rows) for name, rows in
                  sinks.default_domains(handle, n_prompts=n_prompts, n_tokens=n_tokens).items()}
@@ -95,8 +99,6 @@ def domain_sinks(key: ModelKey, n_prompts: int = 4, n_tokens: int = 64) -> tuple
 @st.cache_resource(max_entries=16, show_spinner="Reading the next-token distribution...")
 def prompt_intention(key: ModelKey, prompt: str) -> dict:
     """H_int of ``prompt`` (entropy in bits of the next-token distribution: top-100 renormalised and full)."""
-    from hiddenlens.analyses.intention import intention_entropy
-
     logits = get_model(key).run([prompt]).logits[0, -1]
     return {"h_int_bits": float(intention_entropy(logits)), "h_int_full_bits": float(intention_entropy(logits, None))}
 
@@ -104,41 +106,55 @@ def prompt_intention(key: ModelKey, prompt: str) -> dict:
 @st.cache_resource(max_entries=4, show_spinner="Running the regimes (generation + probes)...")
 def live_regimes(key: ModelKey, n_problems: int, regimes: tuple[str, ...], max_new_tokens: int, seed: int = 0
                  ) -> dict[str, pd.DataFrame]:
-    """``hiddenlens.analyses.regimes.run_regimes`` on ``n_problems`` generated arithmetic problems; the
-    ``regimes`` / ``dims`` / ``items`` tables, as a report folder of that experiment holds them."""
-    from hiddenlens.analyses.arithmetic import make_problems
-    from hiddenlens.analyses.regimes import run_regimes
-
-    res = run_regimes(get_model(key), make_problems(n_problems, seed=seed), regimes=regimes,
-                      max_new_tokens={r: max_new_tokens for r in regimes}, n_boot=200, seed=seed, progress=False)
-    return {"regimes": res.regimes, "dims": res.dims, "items": res.items}
+    """The intention study (:mod:`hiddenlens.studies.intention`) on ``n_problems`` generated arithmetic problems;
+    the ``regimes`` / ``dims`` / ``items`` tables, as its run folder holds them."""
+    config = intention_study.IntentionConfig(model=key.spec, backend=key.backend, device=key.device, dtype=key.dtype,
+                                             n=n_problems, seed=seed, regimes=list(regimes),
+                                             max_new_tokens={r: max_new_tokens for r in regimes}, n_boot=200,
+                                             boot_seed=seed)
+    res = intention_study.run(config, get_model(key), progress=False)
+    return {name: res.tables[name] for name in ("regimes", "dims", "items")}
 
 
 REGIME_TABLES = {"regimes": ("regime", "h_int_bits", "accuracy"), "dims": ("regime", "layer", "participation_ratio")}
 
 
 def regime_tables(path: str) -> dict[str, pd.DataFrame]:
-    """The ``regimes`` and ``dims`` (and ``items`` when present) tables of a ``hiddenlens analyze intention`` report
-    folder; raises :class:`results.ResultsError` when the folder is not one."""
-    res = open_results(path)
+    """The ``regimes`` and ``dims`` (and ``items`` when present) tables of an intention run folder, read with
+    :meth:`hiddenlens.studies.intention.Result.read`; raises :class:`results.ResultsError` when it is not one."""
+    res = read_study_run(path, intention_study.Result)
     missing = [f"{name}.parquet (columns {', '.join(cols)})" for name, cols in REGIME_TABLES.items()
                if name not in res.tables or not set(cols) <= set(res.tables[name].columns)]
     if missing:
-        raise results.ResultsError(f"{res.path} is not an intention report folder: missing {'; '.join(missing)}")
+        raise results.ResultsError(f"{res.folder} is not an intention run folder: missing {'; '.join(missing)}")
     return {name: res.tables[name] for name in ("regimes", "dims", "items") if name in res.tables}
+
+
+def read_study_run(path: str, result_type):
+    """``result_type.read(path)`` (a study's ``Result``), its errors as :class:`results.ResultsError`."""
+    if not str(path).strip():
+        raise results.ResultsError("no folder given")
+    try:
+        return result_type.read(Path(str(path).strip()).expanduser())
+    except (OSError, ValueError, KeyError) as exc:
+        raise results.ResultsError(ui_text(exc)) from exc
+
+
+def ui_text(exc: BaseException) -> str:
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 @st.cache_resource(max_entries=2, show_spinner="Fitting truthful directions (activations of every statement)...")
 def truth_fit(key: ModelKey, family: str = "capitals", k_heads: int = 8) -> truthview.TruthView:
-    """``hiddenlens.analyses.truth.fit_truth`` on the model, live."""
-    from hiddenlens.analyses.truth import fit_truth
-
-    return truthview.from_result(fit_truth(get_model(key), family, k_heads=k_heads))
+    """The truth study (:mod:`hiddenlens.studies.truth`) on the model, live (no transfer families)."""
+    config = truth_study.TruthConfig(model=key.spec, backend=key.backend, device=key.device, dtype=key.dtype,
+                                     family=family, transfer=[], k_heads=k_heads)
+    return truthview.from_result(truth_study.run(config, get_model(key), progress=False))
 
 
 def truth_run(path: str) -> truthview.TruthView:
-    """The tables and directions of a ``hiddenlens truth directions`` report folder."""
-    return truthview.from_folder(open_results(path))
+    """The tables and directions of a truth run folder (``hiddenlens truth directions``)."""
+    return truthview.from_result(read_study_run(path, truth_study.Result))
 
 
 def truth_source(key: ModelKey, source: tuple) -> truthview.TruthView:
@@ -152,9 +168,6 @@ def steer_compare(key: ModelKey, prompt: str, source: tuple, method: str, alpha:
     """Plain and steered greedy continuations of ``prompt``, each scored per token by the direction's detector
     (``truth.token_scores``, read on an unsteered pass over each sequence): ``{"plain": df, "steered": df}`` with
     ``token``, ``generated``, ``projection``, ``p_true``."""
-    from hiddenlens.analyses.truth import token_scores
-    from hiddenlens.interventions.steer import steer_generate
-
     handle = get_model(key)
     direction = truth_source(key, source).direction(method)
     plain = token_scores(handle, direction, prompt, max_new_tokens=max_new_tokens)
@@ -167,17 +180,13 @@ def steer_compare(key: ModelKey, prompt: str, source: tuple, method: str, alpha:
 @st.cache_resource(max_entries=16, show_spinner="Replacing the span and generating before / after...")
 def replacement(key: ModelKey, prompt: str, span: str, first: int, last: int, mode: str = "isolated",
                 tokens: str = "all", top_k: int = 10, max_new_tokens: int = 20):
-    """``hiddenlens.interventions.replace.compare_replacement`` of ``span`` over residual states
-    ``first..last`` (inclusive; 0 = embedding output): next-token table, KL, continuations, log."""
-    from hiddenlens.interventions.replace import compare_replacement
-
+    """``hiddenlens.interventions.replace.compare_replacement`` of ``span`` over the outputs of blocks
+    ``first..last`` (inclusive block indices): next-token table, KL, continuations, log."""
     return compare_replacement(get_model(key), prompt, span, (first, last), mode, tokens, top_k=top_k,
                                max_new_tokens=max_new_tokens)
 
 
 def _decider(decider: str, threshold: float):
-    from hiddenlens.interventions.decider import EntropyDecider, load_decider
-
     if decider == "entropy":
         return EntropyDecider(threshold)
     return load_decider(Path(decider).expanduser(), threshold)
@@ -189,9 +198,6 @@ def iteration(key: ModelKey, prompt: str, decider: str = "entropy", threshold: f
     """Think-at-Hard selective iteration over ``prompt`` (teacher forced): per-token table (token, target,
     predictions before / after, depth, decider score, fixed, broken) and its one-row summary. ``decider`` is
     ``"entropy"`` or the folder of a trained MLP decider (``decider.safetensors`` + ``decider.json``)."""
-    from hiddenlens.analyses.iteration import summarize, token_table
-    from hiddenlens.interventions.iterate import iterate_teacher_forced
-
     handle = get_model(key)
     ids = handle.tokenize([prompt]).input_ids[0].tolist()
     res = iterate_teacher_forced(handle, ids, _decider(decider, threshold), max_iter=max_iter)
@@ -219,5 +225,5 @@ def open_results(path: str) -> results.Results:
     return _open_results(path, _folder_signature(p) if p.is_dir() else ())
 
 
-find_report_folders = results.find_report_folders
+find_runs = results.find_runs
 ResultsError = results.ResultsError

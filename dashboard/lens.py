@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hiddenlens.analyses.dynamics import lens_logits
+from hiddenlens.common.stats import entropy, kl_divergence, log_probs
+
 
 @dataclass(frozen=True)
 class LensView:
@@ -43,11 +46,10 @@ def token_strings(tokenizer, ids) -> list[str]:
 def from_logits(lens: str, logits: torch.Tensor, norms: torch.Tensor, tokens: list[str], layers: list[str],
                 tokenizer, top_k: int = 5) -> LensView:
     """``logits`` ``[n_layers, pos, vocab]`` (last row = the model's output) -> :class:`LensView`."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1)
-    kl = (p[-1:] * (logp[-1:] - logp)).sum(-1).clamp_min(0.0)
-    probs, ids = p.topk(top_k, dim=-1)
+    logp = log_probs(logits)
+    h = entropy(logp, from_log_probs=True)
+    kl = kl_divergence(logp[-1:], logp, from_log_probs=True)
+    probs, ids = logp.exp().topk(top_k, dim=-1)
     n_layers, n_pos = logits.shape[:2]
     vocab = {int(i): token_strings(tokenizer, [int(i)])[0] for i in ids.unique().tolist()}
     top_token = np.empty((n_layers, n_pos), dtype=object)
@@ -58,15 +60,13 @@ def from_logits(lens: str, logits: torch.Tensor, norms: torch.Tensor, tokens: li
             top_token[layer, pos] = row[0][0]
             topk[layer, pos] = "<br>".join(f"{t} {q:.3f}" for t, q in row)
     return LensView(lens=lens, tokens=tokens, layers=layers, top_token=top_token,
-                    top_prob=probs[..., 0].numpy(), entropy=entropy.numpy(), kl_final=kl.numpy(), topk=topk,
+                    top_prob=probs[..., 0].numpy(), entropy=h.numpy(), kl_final=kl.numpy(), topk=topk,
                     norm=norms.float().numpy())
 
 
 def lens_view(handle, prompt: str, tuned=None, max_positions: int = 48, top_k: int = 5) -> LensView:
     """Logit lens (or the tuned lens ``tuned``) of ``prompt`` through ``hiddenlens.analyses.dynamics``; rows are
     ``embed`` then every block's resid_post, columns the last ``max_positions`` tokens."""
-    from hiddenlens.analyses.dynamics import lens_logits
-
     logits, traj = lens_logits(handle, prompt, lens=tuned, include_embed=True)
     n = min(max_positions, logits.shape[1])
     ids = traj.input_ids[0][-n:]

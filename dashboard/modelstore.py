@@ -1,14 +1,18 @@
-"""One model in memory at a time: load by :class:`ModelKey`, free the previous one first.
+"""Models shared by the dashboard's sessions: load by :class:`ModelKey`, never pulled from under a session.
 
-Streamlit's ``st.cache_resource(max_entries=1)`` evicts the old model only *after* the new one has loaded (peak =
-two models), so :func:`get_model` unloads the previous handle, clears the cache and collects garbage before it
-loads another one.
+Every session that asks for a key gets the same handle (one load per key). The handle stays in memory while any
+session holds it (its ``st.session_state``); a session that switches to another model drops its reference, and the
+old model is freed once no session uses it (weak references, then garbage collection; Streamlit keeps a session's
+previous state until its next run ends, so that can take one more interaction): one session switching models
+never unloads the model another session is using. Reads and edits on a shared handle are per session
+(each Streamlit session runs in its own thread, and hiddenlens blocks belong to the thread that opened them).
 """
 from __future__ import annotations
 
 import gc
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +24,10 @@ from hiddenlens.models import EMBEDDED_SPEC
 
 #: The model the dashboard opens with (``hiddenlens dashboard --model`` sets it; tests use ``tiny-llama``).
 MODEL_ENV = "HIDDENLENS_DASHBOARD_MODEL"
-#: Folder searched for project checkpoints (default ``./runs``).
+#: Backend, device and dtype of that first model (``hiddenlens dashboard --backend/--device/--dtype``).
+BACKEND_ENV, DEVICE_ENV, DTYPE_ENV = ("HIDDENLENS_DASHBOARD_BACKEND", "HIDDENLENS_DASHBOARD_DEVICE",
+                                      "HIDDENLENS_DASHBOARD_DTYPE")
+#: Folder searched for project checkpoints and run folders (default ``./runs``).
 RUNS_ENV = "HIDDENLENS_RUNS_DIR"
 BUILTIN_SPECS = (EMBEDDED_SPEC, "tiny-llama", "tiny-gpt2")
 BACKENDS = ("hf", "transformer_lens", "nnsight")
@@ -42,7 +49,8 @@ class ModelKey:
 
 
 def default_key() -> ModelKey:
-    return ModelKey(os.environ.get(MODEL_ENV) or EMBEDDED_SPEC)
+    return ModelKey(os.environ.get(MODEL_ENV) or EMBEDDED_SPEC, os.environ.get(BACKEND_ENV) or "hf",
+                    os.environ.get(DEVICE_ENV) or "auto", os.environ.get(DTYPE_ENV) or "auto")
 
 
 def runs_dir() -> str:
@@ -78,35 +86,43 @@ def find_checkpoints(root: str | Path, max_depth: int = 3, limit: int = 200) -> 
 
 
 _lock = threading.Lock()
-_current: dict = {"key": None, "handle": None}
-
-
-@st.cache_resource(max_entries=1, show_spinner=False)
-def _load(key: ModelKey):
-    return hl.load_model(key.spec, backend=key.backend, device=key.device, dtype=key.dtype)
+#: key -> handle, while at least one session holds it
+_loaded: "weakref.WeakValueDictionary[ModelKey, object]" = weakref.WeakValueDictionary()
+_SESSION_KEY = "_hiddenlens_model"
 
 
 def get_model(key: ModelKey):
-    """The handle for ``key``; a different key frees the loaded model, and every cached result computed on it
-    (some hold tensors on its device, e.g. a tuned lens), before loading the new one."""
+    """The shared handle for ``key`` (loaded on first use); this session keeps it alive until it asks for another."""
     with _lock:
-        if _current["key"] is not None and _current["key"] != key:
-            old = _current["handle"]
-            _current.update(key=None, handle=None)
-            st.cache_resource.clear()
-            if old is not None:
-                old.unload()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        handle = _load(key)
-        _current.update(key=key, handle=handle)
-        return handle
+        handle = _loaded.get(key)
+        if handle is None:
+            handle = hl.load_model(key.spec, backend=key.backend, device=key.device, dtype=key.dtype)
+            _loaded[key] = handle
+    try:
+        previous = st.session_state.get(_SESSION_KEY)
+        st.session_state[_SESSION_KEY] = (key, handle)
+    except Exception:  # no session (a bare script): nothing to hold the reference
+        previous = None
+    if previous is not None and previous[0] != key:
+        del previous
+        gc.collect()  # frees the old model now if no other session holds it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return handle
+
+
+def loaded_keys() -> list[ModelKey]:
+    """Keys whose models are in memory now (held by at least one session)."""
+    return list(_loaded.keys())
+
+
+def loaded_model(key: ModelKey):
+    """The handle loaded for ``key``, or None; unlike :func:`get_model` this session does not start holding it."""
+    return _loaded.get(key)
 
 
 def clear() -> None:
-    """Forget the loaded model (tests call this between apps)."""
+    """Forget every loaded model (tests call this between apps)."""
     with _lock:
-        _current.update(key=None, handle=None)
-        _load.clear()
-        gc.collect()
+        _loaded.clear()
+    gc.collect()

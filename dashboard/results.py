@@ -1,4 +1,6 @@
-"""Read a report folder written by ``hiddenlens.analyses.report.ReportFolder`` (or any CLI script).
+"""Read a run folder of a hiddenlens study (``runs/<study>/<name>``, written by a study's ``Result.write``; see
+:mod:`hiddenlens.studies`) for the Results page: the folder's ``study.json`` names its study, whose ``Result.read``
+reads it; older folders without one (e.g. ``docs/results/*``) are still shown file by file.
 
 Only safe formats are read: ``summary.json`` and other ``*.json``, tables from ``*.parquet`` (or ``*.csv`` when no
 Parquet twin exists), ``*.png`` figures, ``*.md`` text and the tensor names/shapes of ``*.safetensors`` files.
@@ -12,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from safetensors import safe_open
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_ROWS = 100_000
+STUDY_FILE = "study.json"
 
 
 class ResultsError(ValueError):
@@ -24,6 +28,8 @@ class ResultsError(ValueError):
 @dataclass
 class Results:
     path: Path
+    study: str | None = None       # the study that wrote the folder (study.json), None for older folders
+    result: object = None          # that study's Result, read with its Result.read
     summary: dict | None = None
     json_files: dict[str, object] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -37,19 +43,11 @@ class Results:
         return not (self.summary or self.json_files or self.tables or self.figures or self.texts or self.tensors)
 
 
-def find_report_folders(root: str | Path, max_depth: int = 3, limit: int = 200) -> list[str]:
-    """Folders under ``root`` (``root`` included) that hold a ``summary.json`` or a ``report.md``."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        return []
-    out = []
-    for depth in range(max_depth + 1):
-        for d in sorted(root.glob("/".join(["*"] * depth)) if depth else [root]):
-            if d.is_dir() and ((d / "summary.json").is_file() or (d / "report.md").is_file()):
-                out.append(str(d))
-                if len(out) >= limit:
-                    return out
-    return out
+def find_runs(root: str | Path, max_depth: int = 3) -> list[str]:
+    """Run folders (with a ``study.json``) under ``root``, the runs root (``runs/<study>/<name>``), sorted."""
+    from hiddenlens.studies import list_runs
+
+    return [str(path) for _, path in list_runs(Path(root).expanduser(), max_depth=max_depth)]
 
 
 def _read_table(f: Path) -> pd.DataFrame:
@@ -58,8 +56,6 @@ def _read_table(f: Path) -> pd.DataFrame:
 
 
 def _tensor_shapes(f: Path) -> dict[str, list[int]]:
-    from safetensors import safe_open
-
     with safe_open(str(f), framework="pt") as fh:
         return {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
 
@@ -100,6 +96,20 @@ def open_results(path: str | Path) -> Results:
                 res.tensors[f.name] = _tensor_shapes(f)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, the others still load
             res.problems[f.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    if (p / STUDY_FILE).is_file():
+        from hiddenlens.studies import read_run, study_of
+
+        try:
+            res.study = study_of(p)
+            res.result = result = read_run(p)
+            # what the page shows comes from the study's own reader
+            res.summary, res.tables = result.summary, {k: v.head(MAX_ROWS) for k, v in result.tables.items()}
+            res.figures = dict(result.figure_files)
+            if result.report_text:
+                res.texts["report.md"] = result.report_text
+        except Exception as exc:  # noqa: BLE001 - shown on the page; the files that read are still shown
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            res.problems[STUDY_FILE] = f"cannot read as a {res.study!r} run: {why}"[:300]
     if res.empty:
         detail = "; unreadable: " + "; ".join(f"{k} ({v})" for k, v in res.problems.items()) if res.problems else ""
         raise ResultsError(f"{p} holds no results: no summary.json, tables, figures or report{detail}")

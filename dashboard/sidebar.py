@@ -63,6 +63,6 @@ def render() -> None:
             if handle.device.type == "cuda":
                 where += f" ({torch.cuda.get_device_name(handle.device)})"
             st.sidebar.caption(f"Running **{spec}** on **{where}**, **{str(handle.dtype).replace('torch.', '')}**, "
-                               f"backend **{handle.backend}**")
+                               f"backend **{handle.backend.name}**")
     st.sidebar.text_area("Prompt (shared by all pages)", value=ui.DEFAULT_PROMPT, key=ui.PROMPT_STATE,
                          max_chars=MAX_PROMPT_CHARS, height=110)

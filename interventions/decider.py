@@ -2,8 +2,8 @@
 
 * :class:`EntropyDecider`: iterate iff the entropy (nats) of the current cumulative next-token distribution is
   above a threshold. A training-free baseline.
-* :class:`MLPDecider`: TaH's ``MLPIterDecider`` at a smaller size. Input: hidden states of chosen layers
-  (HF ``hidden_states`` indices, concatenated) and the sorted top-``k`` logit values through
+* :class:`MLPDecider`: TaH's ``MLPIterDecider`` at a smaller size. Input: hidden states at chosen residual sites
+  (``blocks.{l}.resid_post``, concatenated) and the sorted top-``k`` logit values through
   ``Linear(k, d_model)``; ``Linear(-> hidden)``, ``n_blocks`` residual blocks
   (``LN -> Linear(h, 4h) -> GELU -> Dropout -> Linear(4h, h) -> Dropout`` plus the skip), head
   ``LN -> Linear(h, 1)``. Iterate iff ``sigmoid(logit) > threshold``.
@@ -24,23 +24,23 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from hiddenlens.interventions.iterate import DEFAULT_TOPK, DeciderInput, first_pass
+from hiddenlens.common.files import atomic_path, write_json
+from hiddenlens.common.stats import auroc, entropy
+from hiddenlens.interventions.iterate import DEFAULT_TOPK, DeciderInput, first_pass, hidden_state_site
+from hiddenlens.models.tiny import offline_prose
 
-DEFAULT_LAYERS = (2, 10, 18, 26)
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of ``softmax(logits)`` along the last axis."""
-    lp = torch.log_softmax(logits.float(), -1)
-    return -(lp.exp() * lp).sum(-1)
+#: TaH's hidden_states indices 2, 10, 18, 26 of a 30-layer model, as sites (block l's output is hidden_states[l+1])
+DEFAULT_SITES = ("blocks.1.resid_post", "blocks.9.resid_post", "blocks.17.resid_post", "blocks.25.resid_post")
 
 
 class EntropyDecider:
     """Iterate iff the entropy (nats) of the cumulative next-token distribution exceeds ``threshold``."""
 
-    layers: Sequence[int] = ()
+    sites: Sequence[str] = ()
 
     def __init__(self, threshold: float = 2.5):
         if not np.isfinite(threshold):
@@ -54,7 +54,7 @@ class EntropyDecider:
 class MaskDecider:
     """Iterate exactly at ``mask`` (bool ``[T]``) at depth 0, never deeper; scores are the mask as 0/1."""
 
-    layers: Sequence[int] = ()
+    sites: Sequence[str] = ()
     threshold = 0.5
 
     def __init__(self, mask: torch.Tensor):
@@ -70,7 +70,7 @@ class MaskDecider:
 class MLPDeciderConfig:
     """Architecture and decision settings of an :class:`MLPDecider` (stored in ``decider.json``)."""
 
-    layers: list[int] = field(default_factory=lambda: list(DEFAULT_LAYERS))
+    sites: list[str] = field(default_factory=lambda: list(DEFAULT_SITES))
     d_model: int = 576
     topk: int = DEFAULT_TOPK
     hidden: int = 256
@@ -92,13 +92,13 @@ class _Block(nn.Module):
 
 
 class MLPDecider(nn.Module):
-    """Scores ``sigmoid(MLP([hidden states of layers] ++ Linear(topk logits))) `` per position; see module doc."""
+    """Scores ``sigmoid(MLP([hidden states at sites] ++ Linear(topk logits))) `` per position; see module doc."""
 
     def __init__(self, config: MLPDeciderConfig):
         super().__init__()
         c = config
         self.config = c
-        n_in = len(c.layers) * c.d_model
+        n_in = len(c.sites) * c.d_model
         self.register_buffer("mean", torch.zeros(n_in + c.topk))
         self.register_buffer("std", torch.ones(n_in + c.topk))
         self.topk_proj = nn.Linear(c.topk, c.d_model)
@@ -111,36 +111,36 @@ class MLPDecider(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @property
-    def layers(self) -> list[int]:
-        return list(self.config.layers)
+    def sites(self) -> list[str]:
+        return list(self.config.sites)
 
     @property
     def threshold(self) -> float:
         return self.config.threshold
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``features`` ``[n, len(layers) * d_model + topk]`` (raw) -> logits ``[n]``."""
+        """``features`` ``[n, len(sites) * d_model + topk]`` (raw) -> logits ``[n]``."""
         if features.ndim != 2 or features.shape[1] != self.mean.shape[0]:
-            raise ValueError(f"decider expects features [n, {self.mean.shape[0]}] (layers {self.layers}, d_model "
+            raise ValueError(f"decider expects features [n, {self.mean.shape[0]}] (sites {self.sites}, d_model "
                              f"{self.config.d_model}, top-{self.config.topk}; trained on {self.config.model!r}), "
                              f"got {tuple(features.shape)}: use a decider trained for this model")
         x = (features - self.mean) / self.std
-        n_h = len(self.config.layers) * self.config.d_model
+        n_h = len(self.config.sites) * self.config.d_model
         x = torch.cat([x[:, :n_h], self.topk_proj(x[:, n_h:])], -1)
         return self.head(self.blocks(self.input_projection(x))).squeeze(-1)
 
     def score(self, inp: DeciderInput) -> torch.Tensor:
         with torch.no_grad():
-            return torch.sigmoid(self(decider_features(inp.hidden, inp.logits, self.layers, self.config.topk)))
+            return torch.sigmoid(self(decider_features(inp.hidden, inp.logits, self.sites, self.config.topk)))
 
 
-def decider_features(hidden: dict[int, torch.Tensor], logits: torch.Tensor, layers: Sequence[int],
+def decider_features(hidden: dict[str, torch.Tensor], logits: torch.Tensor, sites: Sequence[str],
                      k: int) -> torch.Tensor:
-    """``[n, len(layers) * d + k]``: hidden states of ``layers`` concatenated, then the sorted top-``k`` logits."""
-    missing = [l for l in layers if l not in hidden]
+    """``[n, len(sites) * d + k]``: hidden states at ``sites`` concatenated, then the sorted top-``k`` logits."""
+    missing = [s for s in sites if s not in hidden]
     if missing:
-        raise KeyError(f"hidden states of layers {missing} were not read; available: {sorted(hidden)}")
-    parts = [hidden[l].float().cpu() for l in layers] + [logits.float().cpu().topk(k, -1).values]
+        raise KeyError(f"hidden states at {missing} were not read; available: {sorted(hidden)}")
+    parts = [hidden[s].float().cpu() for s in sites] + [logits.float().cpu().topk(k, -1).values]
     return torch.cat(parts, -1)
 
 
@@ -148,8 +148,6 @@ def decider_features(hidden: dict[int, torch.Tensor], logits: torch.Tensor, laye
 def prose_chunks(handle, split: str, n_chunks: int, seq_len: int = 128) -> list[list[int]]:
     """``n_chunks`` token-id sequences of ``seq_len`` (BOS + text) from the offline prose. ``split="train"`` reads
     the first half of the text, ``"eval"`` the second half, so the two never overlap."""
-    from hiddenlens.models.tiny import offline_prose
-
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: use 'train' or 'eval'")
     if n_chunks < 1 or seq_len < 4:
@@ -166,39 +164,27 @@ def prose_chunks(handle, split: str, n_chunks: int, seq_len: int = 128) -> list[
     return [head + ids[i * body:(i + 1) * body] for i in range(n_chunks)]
 
 
-def decider_dataset(handle, chunks: list[list[int]], layers: Sequence[int], k: int = DEFAULT_TOPK,
+def decider_dataset(handle, chunks: list[list[int]], sites: Sequence[str], k: int = DEFAULT_TOPK,
                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features ``[n, len(layers) * d + k]``, labels ``[n]`` (1 = first pass mispredicted) and first-pass
+    """Features ``[n, len(sites) * d + k]``, labels ``[n]`` (1 = first pass mispredicted) and first-pass
     entropies ``[n]`` for every position with a next token (the last one of each chunk has none)."""
-    from tqdm.auto import tqdm
-
     feats, labels, ents = [], [], []
     with torch.inference_mode():
         for ids in tqdm(chunks, desc="decider data", disable=not progress):
-            fp = first_pass(handle, ids, layers)
+            fp = first_pass(handle, ids, sites)
             n = fp.length - 1
-            feats.append(decider_features({l: h[:n] for l, h in fp.hidden.items()}, fp.logits[:n], layers, k))
+            feats.append(decider_features({s: h[:n] for s, h in fp.hidden.items()}, fp.logits[:n], sites, k))
             labels.append((fp.logits[:n].argmax(-1) != fp.input_ids[1:]).float())
             ents.append(entropy(fp.logits[:n]))
     return torch.cat(feats), torch.cat(labels), torch.cat(ents)
 
 
 # ---- training --------------------------------------------------------------------------------------------------
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve; NaN when only one class is present."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels)
-    return float("nan") if len(np.unique(labels)) < 2 else float(roc_auc_score(labels, scores))
-
-
 def train_mlp_decider(features: torch.Tensor, labels: torch.Tensor, config: MLPDeciderConfig, epochs: int = 8,
                       lr: float = 1e-3, batch_size: int = 256, val_fraction: float = 0.2, seed: int = 0,
                       progress: bool = True) -> MLPDecider:
     """Train with BCE (``pos_weight`` = negatives/positives) on a random split; validation AUROC and accuracy go to
     ``config.metrics``."""
-    from tqdm.auto import tqdm
-
     if features.ndim != 2 or features.shape[0] != labels.shape[0]:
         raise ValueError(f"features {tuple(features.shape)} and labels {tuple(labels.shape)} do not align")
     if not torch.isfinite(features).all():
@@ -230,7 +216,7 @@ def train_mlp_decider(features: torch.Tensor, labels: torch.Tensor, config: MLPD
         p_val = torch.sigmoid(model(features[val])).numpy()
     y_val = labels[val].numpy()
     config.metrics = {"n_train": int(len(tr)), "n_val": int(n_val), "train_positive_rate": pos / len(tr),
-                      "val_auroc": auroc(y_val, p_val),
+                      "val_auroc": auroc(y_val, p_val, single_class="nan"),
                       "val_share_iterated": float((p_val > config.threshold).mean()),
                       "val_recall": float((p_val[y_val == 1] > config.threshold).mean()),
                       "epochs": epochs, "lr": lr, "pos_weight": (len(tr) - pos) / pos}
@@ -239,10 +225,6 @@ def train_mlp_decider(features: torch.Tensor, labels: torch.Tensor, config: MLPD
 
 def save_decider(model: MLPDecider, folder: str | Path) -> Path:
     """Write ``decider.safetensors`` and ``decider.json`` (atomically) into ``folder``."""
-    from safetensors.torch import save_file
-
-    from hiddenlens.probes.atomic import atomic_path, write_json
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "decider.safetensors") as tmp:
@@ -253,14 +235,16 @@ def save_decider(model: MLPDecider, folder: str | Path) -> Path:
 
 def load_decider(folder: str | Path, threshold: float | None = None) -> MLPDecider:
     """Load a decider saved by :func:`save_decider` (safetensors + JSON only)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg_path, w_path = folder / "decider.json", folder / "decider.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
         raise FileNotFoundError(f"{folder} lacks decider.json / decider.safetensors; train one with "
                                 f"`hiddenlens train-decider --out {folder}`")
-    config = MLPDeciderConfig(**json.loads(cfg_path.read_text(encoding="utf-8")))
+    meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if "layers" in meta:  # written before sites: TaH's hidden_states indices of a model with n_layers blocks
+        n_layers = int(meta.pop("n_layers", 30))
+        meta["sites"] = [hidden_state_site(i, n_layers) for i in meta.pop("layers")]
+    config = MLPDeciderConfig(**meta)
     if threshold is not None:
         config.threshold = float(threshold)
     model = MLPDecider(config)

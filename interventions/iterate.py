@@ -18,8 +18,14 @@ inputs, which the rescaling only partly softens).
 Because depth-``i`` slots only see slots of depth ``<= i``, teacher-forced iteration over a whole text is exact:
 one pass per depth over all positions chosen at that depth, with a custom 4-D mask over the KV cache.
 
-Hidden states for deciders are read through :func:`hiddenlens.capture` at HF ``hidden_states`` indices
-(``0`` = ``embed``, ``1..L-1`` = ``blocks.{l-1}.resid_post``, ``L`` = ``final_norm``), like TaH's recipe.
+Hidden states for deciders are read through :func:`hiddenlens.capture` at **sites** named like every site in
+hiddenlens (``blocks.{l}.resid_post``...). TaH's recipe names HF ``hidden_states`` indices; :func:`hidden_state_site`
+converts one (``0`` = ``embed``, ``i`` = ``blocks.{i-1}.resid_post``, ``L`` = ``final_norm``) for reading old files.
+
+Both methods feed new input embeddings with their own KV cache and 4-D duo-causal masks, a decoding loop the
+backend interface does not expose; they run the transformers modules through an ``hf`` handle over the same
+weights (``handle.with_backend("hf")``; a TransformerLens bridge shares those tensors, nnsight wraps those very
+modules), so they work whatever the handle's backend.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
+
+from hiddenlens.probes.capture import capture
 
 DEFAULT_TOPK = 100
 
@@ -63,22 +71,12 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def hidden_state_site(index: int, n_layers: int) -> str:
-    """Capture site of HF ``hidden_states[index]``."""
+    """The site of HF ``hidden_states[index]`` (for TaH's recipe and decider files that name indices)."""
     if not 0 <= index <= n_layers:
         raise ValueError(f"hidden-state index {index} out of range 0..{n_layers}")
     if index == 0:
         return "embed"
     return "final_norm" if index == n_layers else f"blocks.{index - 1}.resid_post"
-
-
-def _backbone(model):
-    return model.base_model if getattr(model, "base_model", None) is not None else model
-
-
-def _check_hf(handle) -> None:
-    if handle.backend != "hf":
-        raise ValueError(f"latent iteration drives the transformers model directly; load with backend='hf' "
-                         f"(this handle uses {handle.backend!r})")
 
 
 # ---- Coconut ----------------------------------------------------------------------------------------------------
@@ -118,14 +116,12 @@ def mean_embedding_norm(handle) -> float:
 def continuous_thoughts(handle, prompt: str | Sequence[int], n_latent: int = 2, rescale: bool = False,
                         max_new_tokens: int = 20, add_bos: bool | None = True) -> CoconutResult:
     """Training-free Coconut: ``n_latent`` continuous thoughts after ``prompt``, then greedy decoding."""
-    import hiddenlens as hl
-
-    _check_hf(handle)
+    handle = handle.with_backend("hf")
     model = handle.hf_model
     emb = handle.adapter.embedding(model)
     ids = handle.tokenize([prompt] if isinstance(prompt, str) else [list(prompt)], add_bos=add_bos).input_ids
     state = {"cache": None}
-    with hl.capture(handle, "final_norm", positions="last") as cache:
+    with capture(handle, "final_norm", positions="last") as cache:
         def step(embeds: torch.Tensor):
             out = model(inputs_embeds=embeds, cache=state["cache"], use_cache=True)
             state["cache"] = out.cache
@@ -153,20 +149,20 @@ def continuous_thoughts(handle, prompt: str | Sequence[int], n_latent: int = 2, 
 @dataclass
 class DeciderInput:
     """What a decider sees for ``n`` positions at one depth: ``positions`` ``[n]``, ``depth``, cumulative
-    ``logits`` ``[n, vocab]`` and ``hidden`` ``{hidden-state index: [n, d_model]}`` of this depth's pass."""
+    ``logits`` ``[n, vocab]`` and ``hidden`` ``{site: [n, d_model]}`` of this depth's pass."""
 
     positions: torch.Tensor
     depth: int
     logits: torch.Tensor
-    hidden: dict[int, torch.Tensor]
+    hidden: dict[str, torch.Tensor]
 
 
 class Decider(Protocol):
-    """``score(inp) -> [n]`` (higher = iterate); iterate iff ``score > threshold``; ``layers``: the hidden-state
-    indices it reads (may be empty)."""
+    """``score(inp) -> [n]`` (higher = iterate); iterate iff ``score > threshold``; ``sites``: the residual sites
+    it reads (may be empty)."""
 
     threshold: float
-    layers: Sequence[int]
+    sites: Sequence[str]
 
     def score(self, inp: DeciderInput) -> torch.Tensor: ...
 
@@ -174,11 +170,11 @@ class Decider(Protocol):
 @dataclass
 class FirstPass:
     """Iteration 0 over one text: ``input_ids`` ``[T]``, ``logits`` ``[T, vocab]`` (float32, CPU), ``hidden``
-    ``{index: [T, d]}`` (CPU) and the model's KV cache (``T`` slots)."""
+    ``{site: [T, d]}`` (CPU) and the model's KV cache (``T`` slots)."""
 
     input_ids: torch.Tensor
     logits: torch.Tensor
-    hidden: dict[int, torch.Tensor]
+    hidden: dict[str, torch.Tensor]
     cache: object
 
     @property
@@ -186,22 +182,16 @@ class FirstPass:
         return int(self.input_ids.shape[0])
 
 
-def _hidden_sites(layers: Sequence[int], n_layers: int) -> dict[int, str]:
-    return {l: hidden_state_site(l, n_layers) for l in layers}
-
-
-def first_pass(handle, input_ids: Sequence[int] | torch.Tensor, layers: Sequence[int] = ()) -> FirstPass:
-    """Run iteration 0 (the plain model) over ``input_ids`` with the KV cache, reading ``layers``."""
-    import hiddenlens as hl
-
-    _check_hf(handle)
+def first_pass(handle, input_ids: Sequence[int] | torch.Tensor, sites: Sequence[str] = ()) -> FirstPass:
+    """Run iteration 0 (the plain model) over ``input_ids`` with the KV cache, reading ``sites``."""
+    handle = handle.with_backend("hf")
     ids = torch.as_tensor(list(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids).long()
     if ids.ndim != 1 or ids.numel() < 2:
         raise ValueError("first_pass needs one sequence of at least 2 token ids")
-    sites = _hidden_sites(layers, handle.n_layers)
-    with hl.capture(handle, list(sites.values()) or "embed") as cache:
+    sites = list(sites)
+    with capture(handle, sites or "embed") as cache:
         out = handle.hf_model(input_ids=ids[None].to(handle.device), use_cache=True)
-    hidden = {l: cache[s][0].float().cpu() for l, s in sites.items()}
+    hidden = {s: cache[s][0].float().cpu() for s in sites}
     return FirstPass(ids, out.logits[0].float().cpu(), hidden, out.cache)
 
 
@@ -230,10 +220,9 @@ def _crop_to(cache, length: int) -> None:
 def iterate_from(handle, fp: FirstPass, decider: Decider, max_iter: int = 2, k: int = DEFAULT_TOPK) -> IterationResult:
     """Think-at-Hard over a teacher-forced text, starting from its :class:`FirstPass` (whose cache is cropped
     back to iteration 0 first, so several deciders can share one first pass)."""
-    import hiddenlens as hl
-
     if max_iter < 1:
         raise ValueError("max_iter counts passes and must be >= 1 (1 = no iteration)")
+    handle = handle.with_backend("hf")
     model = handle.hf_model
     T = fp.length
     _crop_to(fp.cache, T)
@@ -241,12 +230,12 @@ def iterate_from(handle, fp: FirstPass, decider: Decider, max_iter: int = 2, k: 
     cum = fp.logits.clone()
     depth = torch.zeros(T, dtype=torch.long)
     positions = torch.arange(T)
-    inp = DeciderInput(positions, 0, cum, {l: fp.hidden[l] for l in decider.layers})
+    inp = DeciderInput(positions, 0, cum, {s: fp.hidden[s] for s in decider.sites})
     scores0 = decider.score(inp).float().cpu()
     active = positions[scores0 > decider.threshold]
     slot_pos, slot_iter = torch.arange(T), torch.zeros(T, dtype=torch.long)
     iterated = []
-    sites = _hidden_sites(decider.layers, handle.n_layers)
+    sites = list(decider.sites)
     for d in range(1, max_iter):
         if active.numel() == 0:
             break
@@ -255,7 +244,7 @@ def iterate_from(handle, fp: FirstPass, decider: Decider, max_iter: int = 2, k: 
         q_pos, q_iter = active, torch.full_like(active, d)
         all_pos, all_iter = torch.cat([slot_pos, q_pos]), torch.cat([slot_iter, q_iter])
         mask = additive_mask(duo_causal_allowed(q_pos, q_iter, all_pos, all_iter), embeds.dtype).to(E.device)
-        with hl.capture(handle, list(sites.values()) or "embed") as cache:
+        with capture(handle, sites or "embed") as cache:
             out = model(inputs_embeds=embeds, position_ids=active[None].to(E.device), attention_mask=mask,
                         cache=fp.cache, use_cache=True)
         slot_pos, slot_iter = all_pos, all_iter
@@ -263,7 +252,7 @@ def iterate_from(handle, fp: FirstPass, decider: Decider, max_iter: int = 2, k: 
         depth[active] = d
         if d + 1 >= max_iter:
             break
-        hid = {l: cache[s][0].float().cpu() for l, s in sites.items()}
+        hid = {s: cache[s][0].float().cpu() for s in sites}
         sc = decider.score(DeciderInput(active, d, cum[active], hid)).float().cpu()
         active = active[sc > decider.threshold]
     _crop_to(fp.cache, T)
@@ -273,4 +262,4 @@ def iterate_from(handle, fp: FirstPass, decider: Decider, max_iter: int = 2, k: 
 def iterate_teacher_forced(handle, input_ids: Sequence[int] | torch.Tensor, decider: Decider, max_iter: int = 2,
                            k: int = DEFAULT_TOPK) -> IterationResult:
     """:func:`first_pass` then :func:`iterate_from`."""
-    return iterate_from(handle, first_pass(handle, input_ids, decider.layers), decider, max_iter, k)
+    return iterate_from(handle, first_pass(handle, input_ids, decider.sites), decider, max_iter, k)

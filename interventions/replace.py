@@ -12,11 +12,12 @@ exact construction; this module implements the transfer to decoder LMs described
   "encoded alone". ``mode="original"``: BOS stays at position 0 and the span tokens get their original absolute
   positions through ``position_ids`` (a position gap where the context was), which matters for absolute position
   embeddings (GPT-2) and changes the BOS-to-span distance under RoPE.
-* Layers are residual-stream *state* indices ``l`` in ``[0, n_layers]``: state 0 is the embedding output (input
-  to block 0, HF ``hidden_states[0]``), state ``l >= 1`` is the output of block ``l - 1`` (HF ``hidden_states[l]``
-  except that state ``n_layers`` is the last block's output *before* the final norm). Replacing state ``l``
-  overwrites the span's rows of the residual stream there; the rest of the forward pass runs natively. A layer
-  range replaces the span at every state in the range, so it stays uncontextualized through those layers.
+* Where: residual-stream sites, named like every site in hiddenlens. ``layers`` are **block indices** (the one
+  convention, :func:`hiddenlens.probes.sites.parse_layers`): layer ``l`` replaces ``blocks.{l}.resid_post`` (the
+  output of block ``l``); the word ``embed`` adds the embedding output (the input of block 0). E.g.
+  ``"embed,0-29"`` replaces the span everywhere, ``"15-29"`` from block 15's output on. Replacing a site
+  overwrites the span's rows of the residual stream there; the rest of the forward pass runs natively, so a range
+  keeps the span uncontextualized through those blocks.
 * ``tokens="all"`` replaces every span token, ``tokens="last"`` only the last one (the paper found one or two
   tokens carry an item).
 
@@ -24,22 +25,22 @@ Spans are substrings or character ranges of the prompt, mapped to whole tokens t
 a span boundary that cuts a token is an error naming the token. During ``generate`` only the prompt pass holds the
 span, so later tokens see the replaced states through the KV cache.
 
-Activation reading goes through :func:`hiddenlens.capture`; the replacement itself registers forward hooks on the
-blocks found through ``handle.adapter`` and removes them in ``finally``. Every replacement returns a
-:class:`ReplacementLog` of what it changed.
+Reads go through :func:`hiddenlens.capture` and the replacement is an edit (:func:`hiddenlens.edit`), so it runs
+on every backend. Every replacement returns a :class:`ReplacementLog` of what it changed.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator
 
+import pandas as pd
 import torch
 
-from hiddenlens.probes.hf_hooks import forward_offset
-
-if TYPE_CHECKING:
-    import pandas as pd
+from hiddenlens.common.stats import kl_divergence, log_probs
+from hiddenlens.probes.capture import capture
+from hiddenlens.probes.edit import Apply, Edit
+from hiddenlens.probes.sites import parse_layers
 
 MODES = ("isolated", "original")
 TOKEN_CHOICES = ("all", "last")
@@ -79,10 +80,10 @@ class Span:
 
 @dataclass
 class ReplacementLog:
-    """What a replacement changed: per patched (forward pass, state) the number of rows overwritten and the
+    """What a replacement changed: per patched (forward pass, site) the number of rows overwritten and the
     largest and mean L2 norm of the change ``|h_new - h_old|`` over those rows (same units as the residual)."""
 
-    layers: list[int]
+    sites: list[str]
     positions: list[int]
     events: list[dict] = field(default_factory=list)
 
@@ -90,53 +91,27 @@ class ReplacementLog:
     def n_patched(self) -> int:
         return len(self.events)
 
-    def by_layer(self) -> dict[int, float]:
-        """Largest L2 change per state index over all patched forward passes."""
-        out: dict[int, float] = {}
+    def by_site(self) -> dict[str, float]:
+        """Largest L2 change per site over all patched forward passes."""
+        out: dict[str, float] = {}
         for e in self.events:
-            out[e["layer"]] = max(out.get(e["layer"], 0.0), e["max_l2_change"])
+            out[e["site"]] = max(out.get(e["site"], 0.0), e["max_l2_change"])
         return out
 
 
-def _check_handle(handle) -> None:
-    if handle.backend != "hf":
-        raise ValueError(f"token replacement hooks native transformers modules; load the model with backend='hf' "
-                         f"(this handle uses {handle.backend!r})")
-
-
-def parse_layers(layers, n_layers: int) -> list[int]:
-    """An int, an inclusive ``(start, stop)`` tuple, a ``"a-b"`` string or a list -> sorted state indices.
-
-    Valid state indices are ``0..n_layers`` (see the module docstring)."""
-    if isinstance(layers, int):
-        out = [layers]
-    elif isinstance(layers, str):
-        parts = [p.strip() for p in layers.split(",") if p.strip()]
-        out = []
-        for p in parts:
-            if "-" in p[1:]:
-                a, b = p.split("-", 1)
-                out += list(range(int(a), int(b) + 1))
-            else:
-                out.append(int(p))
-    elif isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
-        if layers[1] < layers[0]:
-            raise ValueError(f"layer range {layers} is empty: use (start, stop) with start <= stop (inclusive)")
-        out = list(range(layers[0], layers[1] + 1))
-    else:
-        out = [int(x) for x in layers]
-    if not out:
-        raise ValueError("no layers given: pass a state index in 0..n_layers, a (start, stop) range or a list")
-    bad = [x for x in out if not 0 <= x <= n_layers]
-    if bad:
-        raise ValueError(f"layer(s) {bad} out of range: residual states are 0 (embedding) .. {n_layers} "
-                         f"(output of the last block)")
-    return sorted(set(out))
-
-
-def state_site(layer: int) -> str:
-    """Capture site of residual state ``layer``: ``embed`` for 0, else ``blocks.{layer-1}.resid_post``."""
-    return "embed" if layer == 0 else f"blocks.{layer - 1}.resid_post"
+def replacement_sites(layers, n_layers: int) -> list[str]:
+    """Residual sites to replace, in forward order: ``layers`` is a block-index spec for
+    :func:`~hiddenlens.probes.sites.parse_layers` (``3``, ``"15-29"``, ``(15, 29)`` inclusive, a list), where the
+    word ``"embed"`` may stand alone or in a list / comma-separated string. Layer ``l`` -> ``blocks.{l}.resid_post``."""
+    if isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
+        layers = f"{layers[0]}-{layers[1]}"
+    parts = layers.split(",") if isinstance(layers, str) else ([layers] if isinstance(layers, int) else list(layers))
+    embed = any(isinstance(p, str) and p.strip() == "embed" for p in parts)
+    rest = [p for p in parts if not (isinstance(p, str) and p.strip() == "embed")]
+    blocks = parse_layers(",".join(str(p).strip() for p in rest), n_layers, what="layers") if rest else []
+    if not embed and not blocks:
+        raise ValueError("no layers given: pass block indices (e.g. '15-29') and/or 'embed'")
+    return (["embed"] if embed else []) + [f"blocks.{l}.resid_post" for l in blocks]
 
 
 def prompt_ids(handle, prompt: str, add_bos: bool | None = True) -> tuple[list[int], list[tuple[int, int]]]:
@@ -224,99 +199,64 @@ def isolated_inputs(handle, span: Span, mode: str = "isolated") -> tuple[list[in
     return ids, [0] + span.positions
 
 
-def isolated_states(handle, span: Span, layers: Sequence[int], mode: str = "isolated") -> torch.Tensor:
-    """Uncontextualized states of the span tokens: ``[len(layers), span.n_tokens, d_model]`` (model dtype)."""
-    import hiddenlens as hl
-
-    _check_handle(handle)
-    layers = parse_layers(list(layers), handle.n_layers)
+def isolated_states(handle, span: Span, layers, mode: str = "isolated") -> torch.Tensor:
+    """Uncontextualized states of the span tokens at :func:`replacement_sites` ``(layers)``:
+    ``[n_sites, span.n_tokens, d_model]`` (model dtype)."""
+    sites = replacement_sites(layers, handle.n_layers)
     ids, pos = isolated_inputs(handle, span, mode)
     position_ids = torch.tensor([pos], device=handle.device)
-    with hl.capture(handle, [state_site(l) for l in layers]) as cache:
+    with capture(handle, sites) as cache:
         handle.run([ids], add_bos=None, logits=False, position_ids=position_ids)
-    return torch.stack([cache[state_site(l)][0, 1:].clone() for l in layers])
+    return torch.stack([cache[s][0, 1:].clone() for s in sites])
 
 
-def _rows(positions: list[int], offset: int, length: int) -> tuple[list[int], list[int]]:
-    """Span-local and forward-local indices of the span positions that fall inside this forward."""
-    pairs = [(k, p - offset) for k, p in enumerate(positions) if offset <= p < offset + length]
-    return [k for k, _ in pairs], [j for _, j in pairs]
+class _Replacement(Edit):
+    """The edit behind :func:`replacement`: forwards that start at position 0 must carry the span's prompt."""
+
+    def __init__(self, handle, span: Span, sites: list[str], targets: dict[str, torch.Tensor], positions, log):
+        super().__init__(handle, {s: Apply(self._patch) for s in sites}, positions=positions)
+        self.n_prompt, self.targets, self.log, self.keep = len(span.input_ids), targets, log, positions
+
+    def begin_forward(self, offset, attention_mask=None, length=None):
+        if offset == 0 and length is not None and length != self.n_prompt:
+            raise ValueError(f"this forward pass starts at position 0 with {length} tokens, but the span's prompt "
+                             f"has {self.n_prompt}; run the same prompt (no padding) inside replacement()")
+        super().begin_forward(offset, attention_mask, length)
+
+    def _patch(self, region: torch.Tensor, where) -> torch.Tensor:
+        k = [self.keep.index(int(p)) for p in where.positions]
+        target = self.targets[where.site.name][k].to(device=region.device, dtype=region.dtype)
+        change = (region - target).norm(dim=-1)
+        self.log.events.append({"site": where.site.name, "offset": self.offset, "rows": int(change.numel()),
+                                "max_l2_change": float(change.max()), "mean_l2_change": float(change.mean())})
+        return target.expand_as(region).clone()
 
 
 @contextlib.contextmanager
 def replacement(handle, span: Span, layers, mode: str = "isolated", tokens: str = "all",
                 states: torch.Tensor | None = None) -> Iterator[ReplacementLog]:
-    """While the block runs, every forward pass of ``handle.hf_model`` over the span's prompt gets the span's
-    states replaced by their uncontextualized versions at each state index in ``layers``.
+    """While the block runs, every forward pass over the span's prompt gets the span's states replaced by their
+    uncontextualized versions at :func:`replacement_sites` ``(layers)`` (an edit: any backend).
 
     Forward passes whose input starts at position 0 must carry exactly the span's prompt (rows may repeat it,
     e.g. several samples); decode steps of ``generate`` that do not cover the span are left alone. ``states``
-    (``[len(layers), n_tokens, d_model]``) skips recomputing :func:`isolated_states`. Yields the
+    (``[n_sites, n_tokens, d_model]``) skips recomputing :func:`isolated_states`. Yields the
     :class:`ReplacementLog`, filled as passes run. A capture opened *inside* this block sees the replaced states.
     """
-    _check_handle(handle)
     if tokens not in TOKEN_CHOICES:
         raise ValueError(f"tokens={tokens!r}: choose one of {TOKEN_CHOICES}")
-    layers = parse_layers(layers, handle.n_layers)
+    sites = replacement_sites(layers, handle.n_layers)
     if states is None:
         states = isolated_states(handle, span, layers, mode)
-    if states.shape[:2] != (len(layers), span.n_tokens) or states.shape[-1] != handle.adapter.d_model:
-        raise ValueError(f"states shape {tuple(states.shape)} != [layers={len(layers)}, tokens={span.n_tokens}, "
+    if states.shape[:2] != (len(sites), span.n_tokens) or states.shape[-1] != handle.adapter.d_model:
+        raise ValueError(f"states shape {tuple(states.shape)} != [sites={len(sites)}, tokens={span.n_tokens}, "
                          f"d_model={handle.adapter.d_model}]")
     keep = list(range(span.n_tokens)) if tokens == "all" else [span.n_tokens - 1]
     positions = [span.positions[k] for k in keep]
-    new = {l: states[i, keep] for i, l in enumerate(layers)}
-    log = ReplacementLog(layers=list(layers), positions=positions)
-    model, adapter = handle.hf_model, handle.adapter
-    backbone = model.base_model if getattr(model, "base_model", None) is not None else model
-    current = {"offset": 0}
-    n_prompt = len(span.input_ids)
-
-    def on_forward(mod, args, kwargs):
-        current["offset"] = forward_offset(args, kwargs)[0]
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if current["offset"] == 0 and isinstance(ids, torch.Tensor) and ids.shape[-1] != n_prompt:
-            raise ValueError(f"this forward pass starts at position 0 with {ids.shape[-1]} tokens, but the span's "
-                             f"prompt has {n_prompt}; run the same prompt (no padding) inside replacement()")
-
-    def patch(layer: int, h: torch.Tensor) -> torch.Tensor:
-        k, j = _rows(positions, current["offset"], h.shape[1])
-        if not j:
-            return h
-        h = h.clone()
-        target = new[layer][k].to(h.dtype).to(h.device)
-        change = (h[:, j] - target).norm(dim=-1)
-        h[:, j] = target
-        log.events.append({"layer": layer, "offset": current["offset"], "rows": len(j) * h.shape[0],
-                           "max_l2_change": float(change.max()), "mean_l2_change": float(change.mean())})
-        return h
-
-    def make_pre(layer):
-        def pre(mod, args, kwargs):
-            if args:
-                return (patch(layer, args[0]),) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": patch(layer, kwargs["hidden_states"])}
-        return pre
-
-    def make_post(layer):
-        def post(mod, args, output):
-            if isinstance(output, tuple):
-                return (patch(layer, output[0]),) + tuple(output[1:])
-            return patch(layer, output)
-        return post
-
-    hooks = []
-    try:
-        hooks.append(backbone.register_forward_pre_hook(on_forward, with_kwargs=True))
-        for l in layers:
-            if l == 0:
-                hooks.append(adapter.block(model, 0).register_forward_pre_hook(make_pre(0), with_kwargs=True))
-            else:
-                hooks.append(adapter.block(model, l - 1).register_forward_hook(make_post(l)))
+    log = ReplacementLog(sites=sites, positions=positions)
+    targets = {s: states[i, keep] for i, s in enumerate(sites)}
+    with _Replacement(handle, span, sites, targets, positions, log):
         yield log
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @dataclass
@@ -365,7 +305,7 @@ class ReplacementComparison:
     two next-token distributions (nats), greedy continuations before/after, and the replacement log."""
 
     span: Span
-    table: "pd.DataFrame"
+    table: pd.DataFrame
     kl_after_before: float
     continuation_before: str
     continuation_after: str
@@ -376,12 +316,9 @@ def compare_replacement(handle, prompt: str, span: str | tuple[int, int], layers
                         tokens: str = "all", add_bos: bool | None = True, top_k: int = 10,
                         max_new_tokens: int = 20) -> ReplacementComparison:
     """Next-token distribution and greedy continuation of ``prompt`` before and after replacing ``span``."""
-    import pandas as pd
-
     res = run_replaced(handle, prompt, span, layers, mode, tokens, add_bos)
-    lp_b = torch.log_softmax(res.logits_before[-1].float(), -1)
-    lp_a = torch.log_softmax(res.logits_after[-1].float(), -1)
-    kl = float((lp_a.exp() * (lp_a - lp_b)).sum())
+    lp_b, lp_a = log_probs(res.logits_before[-1]), log_probs(res.logits_after[-1])
+    kl = float(kl_divergence(lp_a, lp_b, from_log_probs=True))
     top = torch.unique(torch.cat([lp_b.topk(top_k).indices, lp_a.topk(top_k).indices]))
     table = pd.DataFrame({"token_id": top.tolist(),
                           "token": [handle.tokenizer.decode([int(t)]) for t in top],

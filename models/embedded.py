@@ -47,7 +47,7 @@ def ensure_converted(progress: bool = True) -> Path:
     out = converted_dir()
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy dependency: imported on use
 
     src = gguf_path()
     if progress:

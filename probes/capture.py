@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
+from .block import Block
+from .positions import Positions, check_positions, select
 from .reducers import RunningStats
 from .sites import Site, resolve_sites
 
@@ -35,9 +37,6 @@ class Chunk:
     offset: int
     run: int
     positions: torch.Tensor | None  # absolute positions kept along the pos axis (None when rows were flattened)
-
-
-Positions = None | str | int | slice | Iterable[int] | torch.Tensor
 
 
 def _pos_axis(site: Site) -> int:
@@ -76,6 +75,11 @@ class ActivationCache:
 
     def keys(self):
         return list(self._by_name)
+
+    def __repr__(self) -> str:
+        kept = sum(1 for n in self._by_name if self._chunks.get(n))
+        return (f"ActivationCache({len(self._by_name)} sites, {kept} with tensors, {len(self.stats)} reduced, "
+                f"{len(self.row_ids) or 1} run(s))")
 
     def __contains__(self, name: str) -> bool:
         try:
@@ -159,72 +163,46 @@ class ActivationCache:
         return torch.cat(pieces, 0)
 
 
-class Capture:
-    """State of one capture block; backends call :meth:`begin_forward` and :meth:`record`."""
+class Capture(Block):
+    """State of one capture block; the backend's hooks call :meth:`record` with each forward's tensor."""
 
     def __init__(self, handle, sites, positions: Positions = None, reduce: str | Callable | None = None,
                  to: str = "memory", dtype: torch.dtype | None = None, grad: bool = False,
                  check_finite: bool = True, require_all: bool = True):
-        self.handle = handle
-        adapter = handle.adapter
-        self.sites: list[Site] = resolve_sites(sites, adapter.n_layers, adapter.unavailable)
+        super().__init__(handle, sites)
+        check_positions(positions)
         if to not in ("memory", "cpu"):
             raise ValueError(f"to={to!r}: use 'memory' (keep on the model's device) or 'cpu'; for disk use "
                              "hiddenlens.probes.store.write_activations")
         if reduce not in (None, "stats", "mean") and not callable(reduce):
             raise ValueError(f"reduce={reduce!r}: use None, 'stats' (mean + covariance), 'mean' or a function")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype}: activations are real numbers; use a floating dtype such as "
+                             "torch.float16, torch.bfloat16 or torch.float32")
         self.positions, self.reduce, self.to, self.dtype = positions, reduce, to, dtype
         self.grad, self.check_finite, self.require_all = grad, check_finite, require_all
-        self.cache = ActivationCache(self.sites, adapter.n_layers)
-        self.n_forwards = 0
-        self._run = -1
-        self._offset = 0
-        self._mask: torch.Tensor | None = None
-        self._pending_rows: list[int] | None = None
-        self._detach: Callable[[], None] | None = None
+        self.cache = ActivationCache(self.sites, handle.adapter.n_layers)
+        self.cache.row_ids = self.row_ids
         self._grad_ctx = None
 
-    # ---- called by backends --------------------------------------------------------------------------
-    def set_rows(self, rows: list[int]) -> None:
-        """Tell the capture which prompt indices the next run covers (``handle.run`` does this)."""
-        self._pending_rows = list(rows)
-
-    def begin_forward(self, offset: int, attention_mask: torch.Tensor | None = None) -> None:
-        """A forward pass starts whose first input token sits at absolute position ``offset``."""
-        if offset == 0 or self._run < 0:
-            self._run += 1
-            if self._pending_rows is not None:
-                self.cache.row_ids[self._run] = self._pending_rows
-                self._pending_rows = None
-            if attention_mask is not None:
-                self.cache.attention_masks[self._run] = attention_mask.detach().to("cpu")
-        self._offset = int(offset)
-        self.n_forwards += 1
+    def on_new_run(self, attention_mask: torch.Tensor | None) -> None:
+        if attention_mask is not None:
+            self.cache.attention_masks[self.run] = attention_mask.detach().to("cpu")
 
     def _select(self, site: Site, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         axis = _pos_axis(site)
-        length = t.shape[axis]
-        absolute = torch.arange(self._offset, self._offset + length)
         pos = self.positions
-        if pos is None or (isinstance(pos, str) and pos == "all"):
-            return t, absolute
-        if isinstance(pos, str):
-            if pos != "last":
-                raise ValueError(f"positions={pos!r}: use 'all', 'last', indices, a slice or a bool mask")
-            return t.narrow(axis, length - 1, 1), absolute[-1:]
         if isinstance(pos, torch.Tensor) and pos.dtype == torch.bool:
+            length = t.shape[axis]
             if pos.shape != (t.shape[0], length):
                 raise ValueError(f"position mask {tuple(pos.shape)} does not match this forward's "
                                  f"[batch, pos] = {(t.shape[0], length)}")
             moved = t.movedim(axis, 1) if axis != 1 else t
             return moved[pos.to(t.device)], None
-        if isinstance(pos, slice):
-            keep = torch.arange(0, self._offset + length)[pos]
-        else:
-            idx = [pos] if isinstance(pos, int) else list(pos)
-            keep = torch.tensor([i if i >= 0 else self._offset + length + i for i in idx], dtype=torch.long)
-        local = keep[(keep >= self._offset) & (keep < self._offset + length)] - self._offset
-        return t.index_select(axis, local.to(t.device)), absolute[local]
+        local, absolute = select(pos, self.offset, t.shape[axis])
+        if local is None:
+            return t, absolute
+        return t.index_select(axis, local.to(t.device)), absolute
 
     def record(self, site: Site, value: torch.Tensor) -> None:
         """Store (or reduce) one forward pass's tensor for ``site`` (canonical layout, see ``sites``)."""
@@ -253,14 +231,14 @@ class Capture:
                 return
         if self.to == "cpu" and isinstance(value, torch.Tensor):
             value = value.to("cpu")
-        self.cache._chunks[name].append(Chunk(value, self._offset, max(self._run, 0), absolute))
+        self.cache._chunks[name].append(Chunk(value, self.offset, max(self.run, 0), absolute))
 
     # ---- context manager -----------------------------------------------------------------------------
     def __enter__(self) -> ActivationCache:
         self._grad_ctx = torch.enable_grad() if self.grad else torch.inference_mode()
         self._grad_ctx.__enter__()
         try:
-            self._detach = self.handle._attach(self)
+            self.open()
         except BaseException:
             self._grad_ctx.__exit__(None, None, None)
             raise
@@ -268,8 +246,7 @@ class Capture:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
-            if self._detach is not None:
-                self._detach()
+            self.close()
         finally:
             self._grad_ctx.__exit__(exc_type, exc, tb)
         if exc_type is None and self.require_all:
@@ -277,7 +254,7 @@ class Capture:
         return False
 
     def verify(self) -> None:
-        """Raise :class:`HookNotFiredError` unless every requested site fired."""
+        """Raise :class:`HookNotFiredError` unless every requested site fired (and kept at least one position)."""
         if self.n_forwards == 0 and not any(self.cache.fire_counts.values()):
             raise HookNotFiredError("no forward pass ran inside the capture block: call handle.run(...), "
                                     "handle.generate(...) or the model inside the `with` block")
@@ -287,6 +264,12 @@ class Capture:
                 f"requested sites never fired: {', '.join(silent)}. (logits do not fire with "
                 "handle.run(..., logits=False); attention sites need an attention module that goes through "
                 "transformers' attention interface)")
+        if self.reduce is None and self.positions is not None:
+            empty = [n for n in self.cache.fire_counts
+                     if self.cache._chunks.get(n) and all(c.value.numel() == 0 for c in self.cache._chunks[n])]
+            if empty:
+                raise HookNotFiredError(f"positions={self.positions!r} selected no position of any forward for "
+                                        f"{', '.join(empty)}: the inputs were shorter; pass positions that exist")
 
 
 def capture(handle, sites, positions: Positions = None, reduce=None, to: str = "memory",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 GLOBAL_SITES = ("embed", "final_norm", "logits")
 BLOCK_SITES = (
@@ -70,7 +71,7 @@ _TL_ALIASES = {
 }
 
 
-class UnknownSiteError(KeyError):
+class UnknownSiteError(KeyError, ValueError):
     """A site name that matches no capturable tensor of this model."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
@@ -108,24 +109,62 @@ def _canonical_kind(kind: str) -> str:
     return _TL_ALIASES.get(kind, kind)
 
 
-def _parse_layers(spec: str, n_layers: int, original: str) -> list[int]:
-    if spec == "*":
-        return list(range(n_layers))
-    layers: list[int] = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part.strip())
+def parse_layers(spec: str | int | Sequence[int], n_layers: int, what: str = "layers") -> list[int]:
+    """The one layer-list parser: ``3``, ``"3,5-7"``, ``"-1"`` (last block), ``"*"``, ``"2--1"`` or a list of ints
+    -> sorted unique block indices in ``0..n_layers-1``.
+
+    Layers are **block indices** everywhere in hiddenlens: layer ``l`` is block ``l``, whose output is
+    ``blocks.{l}.resid_post``; the embedding is the site ``embed``, never a layer number. Negative indices count
+    from the end (``-1`` = the last block). A reversed range (``"7-3"``) and an empty list are errors, as is any
+    layer outside the model; the message names ``what`` (e.g. the CLI option) and the valid range.
+    """
+    if isinstance(spec, bool):
+        raise ValueError(f"{what}: {spec!r} is not a layer; use an index, a range 'a-b' or a list 'a,b,c'")
+    if isinstance(spec, int):
+        parts = [str(spec)]
+    elif isinstance(spec, str):
+        if spec.strip() == "*":
+            return list(range(n_layers))
+        parts = [p.strip() for p in spec.split(",")]
+    else:
+        parts = [str(int(x)) for x in spec]
+    if not parts or any(p == "" for p in parts):
+        raise ValueError(f"{what}: no layers in {spec!r}; use an index, '*', a range 'a-b' or a list 'a,b,c'")
+    layers: set[int] = set()
+    for part in parts:
+        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
         if not m:
-            raise UnknownSiteError(f"cannot read the layer part {spec!r} of site {original!r}: use an index, "
-                                   "'*', a range 'a-b' or a list 'a,b,c'")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        for i in range(lo, hi + 1):
+            raise ValueError(f"{what}: cannot read {part!r} in {spec!r}: use an index, '*', a range 'a-b' or a "
+                             "list 'a,b,c'")
+        ends = []
+        for g in (m.group(1), m.group(2) if m.group(2) is not None else m.group(1)):
+            i = int(g)
             j = i + n_layers if i < 0 else i
             if not 0 <= j < n_layers:
-                raise UnknownSiteError(f"layer {i} in site {original!r} is out of range: this model has "
-                                       f"{n_layers} blocks (valid layers 0-{n_layers - 1})")
-            layers.append(j)
-    return layers
+                raise ValueError(f"{what}: layer {i} in {spec!r} is out of range: this model has {n_layers} blocks "
+                                 f"(valid layers 0..{n_layers - 1}, or -{n_layers}..-1 from the end)")
+            ends.append(j)
+        if ends[1] < ends[0]:
+            raise ValueError(f"{what}: the range {part!r} in {spec!r} is reversed; write it low-high, e.g. "
+                             f"'{ends[1]}-{ends[0]}'")
+        layers.update(range(ends[0], ends[1] + 1))
+    return sorted(layers)
+
+
+def parse_site(name: str) -> Site:
+    """One exact site name (no globs or ranges; TransformerLens aliases accepted) -> :class:`Site`, without a
+    model: ``blocks.12.resid_post`` -> ``Site(12, "resid_post")``. Checks the layer range only when it is resolved
+    against a model (:func:`resolve_sites`)."""
+    if not isinstance(name, str):
+        raise TypeError(f"site names are strings such as 'blocks.3.resid_post', not {type(name).__name__}")
+    kind = _canonical_kind(name.strip())
+    if kind in GLOBAL_SITES:
+        return Site(None, kind)
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name.strip())
+    if m and _canonical_kind(m.group(2)) in BLOCK_SITES:
+        return Site(int(m.group(1)), _canonical_kind(m.group(2)))
+    raise UnknownSiteError(f"{name!r} is not one site name; use e.g. 'embed', 'blocks.3.resid_post', "
+                           f"'blocks.3.attn.z' (kinds: {', '.join(GLOBAL_SITES + BLOCK_SITES)})")
 
 
 def resolve_sites(patterns: str | list[str] | tuple[str, ...], n_layers: int,
@@ -154,20 +193,27 @@ def resolve_sites(patterns: str | list[str] | tuple[str, ...], n_layers: int,
                 if kind in unavailable:
                     raise UnknownSiteError(f"site {name!r} does not exist in this architecture: "
                                            f"{unavailable[kind]}")
-                out.update(Site(i, kind) for i in _parse_layers(m.group(1), n_layers, name))
+                try:
+                    layers = parse_layers(m.group(1), n_layers, what=f"site {name!r}")
+                except ValueError as exc:
+                    raise UnknownSiteError(str(exc)) from None
+                out.update(Site(i, kind) for i in layers)
                 continue
         valid = all_site_names(n_layers)
         close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
         hint = f"closest valid names: {', '.join(close)}" if close else f"valid kinds: {', '.join(GLOBAL_SITES + BLOCK_SITES)}"
         raise UnknownSiteError(f"unknown site {name!r}; {hint}. Patterns like 'blocks.*.resid_post' and "
                                "'blocks.3-7.attn.pattern' are accepted; `hiddenlens info MODEL` lists every site.")
-    order = {k: j for j, k in enumerate(BLOCK_SITES)}
+    return sorted(out, key=forward_key)
 
-    def key(s: Site) -> tuple[int, int]:
-        if s.kind == "embed":
-            return (-1, 0)
-        if s.layer is None:
-            return (n_layers, 0 if s.kind == "final_norm" else 1)
-        return (s.layer, order[s.kind])
 
-    return sorted(out, key=key)
+_ORDER = {k: j for j, k in enumerate(BLOCK_SITES)}
+
+
+def forward_key(site: Site) -> tuple[float, int]:
+    """Sort key of a site in forward order (``embed`` first, ``logits`` last)."""
+    if site.kind == "embed":
+        return (-1, 0)
+    if site.layer is None:
+        return (float("inf"), 0 if site.kind == "final_norm" else 1)
+    return (site.layer, _ORDER[site.kind])

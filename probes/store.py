@@ -16,6 +16,7 @@ its tensors against the manifest, so a damaged shard raises instead of returning
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,10 @@ from typing import Iterator, Sequence
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from .atomic import atomic_path, write_json
+from hiddenlens.common.files import atomic_path, write_json
+
 from .capture import capture
 from .sites import ATTENTION_WEIGHT_SITES, resolve_sites
 
@@ -87,8 +90,6 @@ def _sha256(path: Path) -> str:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
     out = {}
     for pkg in ("hiddenlens", "torch", "transformers", "safetensors"):
         try:
@@ -123,7 +124,7 @@ def write_activations(handle, prompts: Sequence[str] | Sequence[Prompt] | str | 
         raise ValueError(f"{bad}: attention scores/patterns have a ragged key axis and are not stored row-wise; "
                          "reduce them in the capture (hiddenlens.capture(..., reduce=fn)) instead")
     out = Path(out)
-    settings = {"format": FORMAT, "model": handle.spec, "weights_sha256": None, "backend": handle.backend,
+    settings = {"format": FORMAT, "model": handle.spec, "weights_sha256": None, "backend": handle.backend.name,
                 "sites": [s.name for s in resolved], "positions": positions, "dtype": str(dtype).replace("torch.", ""),
                 "add_bos": add_bos, "tokenizer": getattr(handle.tokenizer, "name_or_path", None),
                 "prompt_ids_sha256": hashlib.sha256("\n".join(p.id + "\t" + p.text for p in prompts)
@@ -162,8 +163,6 @@ def write_activations(handle, prompts: Sequence[str] | Sequence[Prompt] | str | 
                                    "prompt_start": shard_start, "prompt_end": prompt_end, "sha256": _sha256(path)})
         write_json(manifest_path, manifest)
         buffer, buffered_rows, shard_start = {}, 0, prompt_end
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prompts), initial=done, desc="capture", unit="prompt", disable=not progress)
     for start in range(done, len(prompts), batch_size):

@@ -5,7 +5,7 @@ from torch import nn
 
 import hiddenlens as hl
 from hiddenlens.models.adapter import UnknownArchitectureError, discover_adapter
-from hiddenlens.models.handle import ModelHandle
+from hiddenlens.probes.handle import ModelHandle
 from hiddenlens.models.tiny import tiny_tokenizer
 
 

@@ -10,12 +10,13 @@ import torch
 from scipy.stats import chisquare
 
 import hiddenlens as hl
-from hiddenlens.models import bigram_backcopy as bb
+from hiddenlens.analyses.bb_metrics import as_handle, sink_evaluator
+from hiddenlens.models import bb_model, bb_task, bb_training
 
 
 @pytest.fixture(scope="module")
 def gen():
-    return bb.BBGenerator(k=3, seq_length=256)
+    return bb_task.BBGenerator(k=3, seq_length=256)
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +62,19 @@ def test_bigram_frequencies_match_the_table(gen, sample):
 
 
 def test_statistics_of_a_known_text():
-    s = bb.text_statistics("abab")
+    s = bb_task.text_statistics("abab")
     assert s.chars == ["a", "b"]
     assert np.allclose(s.marginal, [0.5, 0.5]) and np.allclose(s.cond, [[0, 1], [1, 0]])
-    s = bb.text_statistics("aab")                                              # "b" only ends the text
+    s = bb_task.text_statistics("aab")                                         # "b" only ends the text
     assert np.allclose(s.cond[1], s.marginal)
     with pytest.raises(ValueError, match="triggers"):
-        bb.BBGenerator(s, k=2)
+        bb_task.BBGenerator(s, k=2)
 
 
 def test_relu_attention_is_what_the_capture_reports(tmp_path):
-    res = bb.train(bb.BBConfig(attention="relu", steps=3, seq_length=16, n_layers=2), out_dir=tmp_path,
-                   eval_seqs=8)
-    handle = res.handle()
+    res = bb_training.train(bb_model.BBConfig(attention="relu", steps=3, seq_length=16, n_layers=2),
+                            out_dir=tmp_path, evaluate=sink_evaluator(8))
+    handle = as_handle(res.model, res.tokenizer)
     x = res.generator.sample(4, torch.Generator().manual_seed(1))[:, :-1]
     with hl.capture(handle, ["blocks.1.attn.pattern", "blocks.1.attn.q", "blocks.1.attn.k"]) as cache:
         handle.run(x, add_bos=None)
@@ -93,10 +94,11 @@ def test_relu_attention_is_what_the_capture_reports(tmp_path):
 
 
 def test_checkpoints_load_through_load_model(tmp_path):
-    cfg = bb.BBConfig(steps=4, checkpoint_every=2, seq_length=16, d_model=32)
-    res = bb.train(cfg, out_dir=tmp_path, eval_seqs=8)
-    folders = bb.list_checkpoints(tmp_path)
-    assert [bb.checkpoint_step(f) for f in folders] == [0, 2, 4]
+    cfg = bb_model.BBConfig(steps=4, checkpoint_every=2, seq_length=16, d_model=32)
+    res = bb_training.train(cfg, out_dir=tmp_path, evaluate=bb_training.loss_evaluator(8))
+    assert list(res.history.step) == [4] and {"trigger_loss", "bigram_optimum"} <= set(res.history.columns)
+    folders = bb_model.list_checkpoints(tmp_path)
+    assert [bb_model.checkpoint_step(f) for f in folders] == [0, 2, 4]
     meta = json.loads((folders[-1] / "hiddenlens_model.json").read_text())
     assert meta["kind"] == "bigram-backcopy" and meta["chars"] == res.generator.stats.chars
     handle = hl.load_model(str(folders[-1]))
@@ -111,31 +113,33 @@ def test_checkpoints_load_through_load_model(tmp_path):
     biases = [p for n, p in handle.hf_model.named_parameters() if n.endswith(".bias")]
     assert biases and all(float(b.detach().abs().max()) == 0 for b in biases)
     with pytest.raises(FileNotFoundError):
-        bb.list_checkpoints(tmp_path / "nothing")
+        bb_model.list_checkpoints(tmp_path / "nothing")
 
 
 def test_checkpoint_curves_report(tmp_path):
-    from hiddenlens.analyses.sinks_report import checkpoints_report
+    from hiddenlens.studies import sinks as study
 
-    bb.train(bb.BBConfig(steps=2, checkpoint_every=1, seq_length=16, d_model=32), out_dir=tmp_path / "ck",
-             eval_seqs=8)
-    df = checkpoints_report(tmp_path / "ck", tmp_path / "rep", eval_seqs=16, progress=False)
+    bb_training.train(bb_model.BBConfig(steps=2, checkpoint_every=1, seq_length=16, d_model=32),
+                      out_dir=tmp_path / "ck", evaluate=bb_training.loss_evaluator(8))
+    res = study.run(study.SinksConfig(checkpoints=str(tmp_path / "ck"), eval_seqs=16), progress=False)
+    res.write(tmp_path / "rep")
+    df = study.Result.read(tmp_path / "rep").tables["checkpoints"]
     assert df.step.tolist() == [0, 1, 2]
     assert {"L0_bos_attn_nontrigger", "trigger_loss", "L0_value_norm_ratio"} <= set(df.columns)
-    for name in ("curves.png", "checkpoints.parquet", "checkpoints.csv", "summary.json", "report.md"):
+    for name in ("curves.png", "checkpoints.parquet", "checkpoints.csv", "summary.json", "report.md", "study.json"):
         assert (tmp_path / "rep" / name).is_file()
 
 
 def test_small_training_run_shows_the_sink():
     """The issue's configuration (width 64, seq 32, batch 64, k = 3, 1 layer, AdamW 1e-3, 1,000 steps, seed 0)."""
-    soft = bb.train(bb.BBConfig(seed=0)).history.iloc[-1]
+    soft = bb_training.train(bb_model.BBConfig(seed=0), evaluate=sink_evaluator()).history.iloc[-1]
     assert soft.L0_bos_attn_nontrigger > 0.4                                   # measured 0.55 to 0.89
     assert soft.L0_bos_attn_trigger < 0.05                                     # measured at most 0.01
     assert soft.L0_copy_attn_trigger > 0.75                                    # measured 0.89 to 0.94
     assert soft.L0_value_norm_ratio < 0.6                                      # measured 0.21 to 0.39
     assert soft.trigger_loss < 0.1                                             # measured about 0.01
     assert soft.nontrigger_loss - soft.bigram_optimum < 0.1                    # measured within 0.04
-    relu = bb.train(bb.BBConfig(seed=0, attention="relu")).history.iloc[-1]
+    relu = bb_training.train(bb_model.BBConfig(seed=0, attention="relu"), evaluate=sink_evaluator()).history.iloc[-1]
     assert relu.L0_bos_attn_nontrigger < 0.1                                   # we measured 0.014 to 0.029
     assert relu.L0_bos_share < 0.2      # issue: at most 0.03; we measured 0.114 (seed 0) and 0.049 (seed 1)
     assert relu.trigger_loss < 0.1                                             # we measured 0.040 to 0.049

@@ -143,7 +143,7 @@ def test_every_page_in_chromium(server):
             wait_idle(page)
             assert page.get_by_test_id("stAlertContentError").count() == 1
             assert page.get_by_test_id("stException").count() == 0
-            page.get_by_test_id("stSelectbox").filter(has_text="Report folders found").click()
+            page.get_by_test_id("stSelectbox").filter(has_text="Runs found").click()
             page.get_by_role("option", name=str(runs / "truth-probe")).click()
             wait_idle(page)
             page.get_by_role("tab", name="Figures (1)").click()

@@ -119,32 +119,30 @@ def test_sinks_pick_a_head_shows_its_pattern():
 
 
 def _write_report(folder: Path) -> None:
-    import matplotlib
+    """A small truth run, written by the study's own ``Result.write`` (so it has a study.json)."""
+    import torch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hiddenlens.probes.direction import Direction
+    from hiddenlens.studies import truth as study
 
-    from hiddenlens.analyses.report import ReportFolder
-
-    rep = ReportFolder(folder)
-    rep.summary({"model": "tiny-llama", "auroc": 0.75})
-    rep.table("per_layer", pd.DataFrame({"layer": [0, 1, 2], "auroc": [0.5, 0.6, 0.75]}))
-    fig, ax = plt.subplots(figsize=(2, 2))
-    ax.plot([0, 1, 2], [0.5, 0.6, 0.75])
-    rep.figure("auroc_by_layer", fig)
-    rep.markdown("# Truth probe\n\nBest layer: **2**.")
+    u = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)
+    d = Direction(u, sigma=1.0, site="blocks.2.resid_post", method="mass_mean", model="tiny-llama")
+    layers = pd.DataFrame({"layer": [0, 1, 2], "method": "mass_mean", "auroc": [0.5, 0.6, 0.75]})
+    summary = {"model": "tiny-llama", "family": "capitals", "auroc": 0.75, "best_layer": 2, "best_probe_auroc": 0.75}
+    study.Result(study.TruthConfig(model="tiny-llama"), summary, {"layers": layers},
+                 directions={"mass_mean": d}).write(folder)
 
 
 def test_results_page_loads_a_report_folder(tmp_path):
     folder = tmp_path / "runs" / "truth-probe"
     _write_report(folder)
     at = run_page("results")
-    assert at.selectbox(key="res_found").options == [str(folder)]  # found under the runs folder
+    assert at.selectbox(key="res_found").options == [str(folder)]  # found under the runs root (it has a study.json)
     at.text_input(key="res_path").input(str(folder)).run()
     no_errors(at)
     table = at.dataframe[0].value
     assert list(table["auroc"]) == [0.5, 0.6, 0.75]
-    assert any("Best layer" in m.value for m in at.markdown)
+    assert any("Best layer" in m.value for m in at.markdown) and any("`truth` run" in m.value for m in at.success)
     assert at.get("image"), "the PNG figure is shown"
     assert at.json[0].value and json.loads(at.json[0].value)["auroc"] == 0.75
 
@@ -166,17 +164,32 @@ def test_results_page_shows_errors_for_bad_paths(tmp_path):
     assert "table.parquet could not be read" in at.warning[0].value
 
 
-def test_switching_model_frees_the_previous_one():
+def test_switching_model_frees_the_previous_one_but_never_another_sessions():
+    import gc
+    import weakref
+
+    other = run_page()  # a second session on the default tiny-llama
     at = run_page()
-    first = modelstore.get_model(modelstore.ModelKey("tiny-llama"))
+    first = weakref.ref(modelstore.loaded_model(modelstore.ModelKey("tiny-llama")))
     at.sidebar.selectbox(key="pick_kind").select_index(2).run()  # options have display labels
     no_errors(at)
     assert {m.label: m.value for m in at.metric}["Model"] == "tiny-gpt2"
-    assert first.hf_model is None, "the old model was unloaded before the new one loaded"
+    gc.collect()
+    assert first() is not None and first().hf_model is not None, "a switch pulled the model from under a session"
+    other.run()
+    no_errors(other)
+    assert {m.label: m.value for m in other.metric}["Model"] == "tiny-llama"
+    other.sidebar.selectbox(key="pick_kind").select_index(2).run()  # the last session leaves tiny-llama
+    at.run()
+    other.run()  # Streamlit keeps the previous run's session state until the next run ends
+    gc.collect()
+    assert first() is None, "a model no session uses stays in memory"
+    assert modelstore.loaded_keys() == [modelstore.ModelKey("tiny-gpt2")]
 
 
 def test_project_checkpoint_picker_loads_a_bigram_backcopy_step(tmp_path):
-    from hiddenlens.models.bigram_backcopy import BBConfig, BBGenerator, build_model, save_checkpoint
+    from hiddenlens.models.bb_model import BBConfig, build_model, save_checkpoint
+    from hiddenlens.models.bb_task import BBGenerator
 
     cfg = BBConfig(steps=1)
     gen = BBGenerator(None, k=cfg.k, seq_length=cfg.seq_length)
@@ -203,21 +216,22 @@ def test_bad_model_spec_is_an_error_on_the_page(tmp_path):
 
 
 def test_intention_prompt_entropy_and_a_loaded_run(tmp_path):
-    from hiddenlens.analyses.report import ReportFolder
+    from hiddenlens.studies.report import write_table
 
     at = run_page("intention")
     no_errors(at)
     metrics = {m.label: float(m.value) for m in at.metric}
     assert 0 < metrics["H_int of the prompt (top-100, bits)"] <= np.log2(100) + 1e-6
     assert 0 < metrics["H_int, full vocabulary (bits)"] <= np.log2(512) + 1e-6
-    rep = ReportFolder(tmp_path / "intention")
-    rep.table("regimes", pd.DataFrame({
+    (tmp_path / "intention").mkdir()
+    write_table(tmp_path / "intention", "regimes", pd.DataFrame({
         "regime": ["direct", "cot"], "accuracy": [0.2, 0.5], "accuracy_ci_low": [0.1, 0.3],
         "accuracy_ci_high": [0.4, 0.7], "h_int_bits": [3.0, 1.5], "h_int_ci_low": [2.5, 1.0],
         "h_int_ci_high": [3.5, 2.0], "recov_auroc": [0.6, 0.7], "recov_ci_low": [0.5, 0.6],
         "recov_ci_high": [0.7, 0.8]}))
-    rep.table("dims", pd.DataFrame({"regime": ["direct"] * 2 + ["cot"] * 2, "state": "pre", "layer": [2, 3, 2, 3],
-                                    "participation_ratio": [4.0, 5.0, 3.0, 3.5]}))
+    write_table(tmp_path / "intention", "dims", pd.DataFrame({
+        "regime": ["direct"] * 2 + ["cot"] * 2, "state": "pre", "layer": [2, 3, 2, 3],
+        "participation_ratio": [4.0, 5.0, 3.0, 3.5]}))
     at.text_input(key="int_path").input(str(tmp_path / "intention")).run()
     no_errors(at)
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
@@ -245,16 +259,16 @@ def test_intention_live_regimes_on_a_small_set():
 def _truth_run(folder: Path) -> None:
     import torch
 
-    from hiddenlens.analyses.report import ReportFolder
-    from hiddenlens.analyses.truth import Direction
+    from hiddenlens.probes.direction import Direction
+    from hiddenlens.studies import truth as study
 
-    rep = ReportFolder(folder)
-    rep.table("layers", pd.DataFrame({"layer": [0, 1, 2, 3] * 2, "method": ["mass_mean"] * 4 + ["probe"] * 4,
-                                      "auroc": [0.5, 0.6, 0.7, 0.65, 0.55, 0.6, 0.75, 0.7]}))
-    rep.table("projections", pd.DataFrame({"text": ["a.", "b."], "label": [1, 0], "projection": [1.0, -1.0]}))
-    rep.summary({"best_layer": 2})
+    layers = pd.DataFrame({"layer": [0, 1, 2, 3] * 2, "method": ["mass_mean"] * 4 + ["probe"] * 4,
+                           "auroc": [0.5, 0.6, 0.7, 0.65, 0.55, 0.6, 0.75, 0.7]})
+    projections = pd.DataFrame({"text": ["a.", "b."], "label": [1, 0], "projection": [1.0, -1.0]})
     u = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)
-    Direction(u, sigma=1.0, layer=2, method="mass_mean", model="tiny-llama").save(folder / "direction_mass_mean")
+    d = Direction(u, sigma=1.0, site="blocks.2.resid_post", method="mass_mean", model="tiny-llama")
+    study.Result(study.TruthConfig(model="tiny-llama"), {"best_layer": 2, "family": "capitals"},
+                 {"layers": layers, "projections": projections}, directions={"mass_mean": d}).write(folder)
 
 
 def test_truth_loaded_run_and_alpha_changes_the_steered_text(tmp_path):
@@ -282,7 +296,7 @@ def test_leakage_layer_range_and_span():
     at.selectbox(key="leak_span").set_value("France").run()
     at.slider(key="leak_layers").set_value((1, 3)).run()
     no_errors(at)
-    assert any("*France* replaced at states 1-3" in m.value for m in at.markdown)
+    assert any("*France* replaced at blocks 1-3" in m.value for m in at.markdown)
     metrics = {m.label: m.value for m in at.metric}
     assert float(metrics["KL(after || before), next token"].split()[0]) >= 0
     bars = plotly_specs(at)[0]
@@ -317,7 +331,11 @@ def test_find_checkpoints_and_report_folders(tmp_path):
     assert modelstore.find_checkpoints(tmp_path) == [str(tmp_path / "a" / "step-100")]
     assert modelstore.find_checkpoints(tmp_path / "nope") == []
     (tmp_path / "b" / "summary.json").write_text("{}")
-    assert results.find_report_folders(tmp_path) == [str(tmp_path / "b")]
+    assert results.find_runs(tmp_path) == []                  # a run folder is one a study wrote: it has study.json
+    (tmp_path / "b" / "study.json").write_text('{"study": "truth"}')
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "study.json").write_text('{"study": "no-such-study"}')
+    assert results.find_runs(tmp_path) == [str(tmp_path / "b")]
 
 
 def test_dashboard_command_binds_localhost_with_safe_settings():

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from hiddenlens.analyses.intention import (auroc, effective_dimensionality, global_threshold_dimensionality,
+from hiddenlens.analyses.intention import (effective_dimensionality, global_threshold_dimensionality,
                                            intention_entropy, layered_dimensionality, recoverability)
+from hiddenlens.common.stats import auroc
 from hiddenlens.probes.reducers import RunningStats
 
 
@@ -134,7 +135,7 @@ def test_split_protocol_reports_test_auroc_and_chosen_c():
 
 
 def test_constant_scores_and_constant_features_give_half():
-    assert auroc(np.ones(10), np.arange(10) % 2) == 0.5
+    assert auroc(np.arange(10) % 2, np.ones(10)) == 0.5
     y = np.arange(100) % 2
     assert recoverability(np.ones((100, 3)), y, n_boot=100, shuffle_control=False).auroc == pytest.approx(0.5)
 

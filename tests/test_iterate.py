@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from hiddenlens.analyses.iteration import evaluate_iteration, summarize, write_iteration_report
-from hiddenlens.interventions.decider import (EntropyDecider, MaskDecider, MLPDeciderConfig, auroc, decider_dataset,
-                                              entropy, load_decider, prose_chunks, save_decider, train_mlp_decider)
+from hiddenlens.analyses.iteration import summarize
+from hiddenlens.studies.iteration import IterationConfig, Result, evaluate_iteration, result_of
+from hiddenlens.common.stats import auroc, entropy
+from hiddenlens.interventions.decider import (EntropyDecider, MaskDecider, MLPDeciderConfig, decider_dataset,
+                                              load_decider, prose_chunks, save_decider, train_mlp_decider)
 from hiddenlens.interventions.iterate import (DeciderInput, additive_mask, coconut_loop, continuous_thoughts,
                                               duo_causal_allowed, first_pass, hidden_state_site, iterate_from,
                                               iterate_teacher_forced, mean_embedding_norm, soft_embedding)
@@ -91,7 +93,7 @@ def test_coconut_off_by_one_on_a_real_model(tiny_llama):
 
 
 class _Always:
-    threshold, layers = 0.5, ()
+    threshold, sites = 0.5, ()
 
     def score(self, inp):
         return torch.ones(len(inp.positions))
@@ -153,12 +155,13 @@ def test_mlp_decider_learns_a_known_rule_and_round_trips(tmp_path):
     n, d, k = 800, 8, 5
     feats = torch.randn(n, 2 * d + k)
     labels = (feats[:, 3] + 0.5 * feats[:, d + 1] > 0.8).float()  # depends on two hidden-state features
-    cfg = MLPDeciderConfig(layers=[1, 2], d_model=d, topk=k, hidden=16, n_blocks=1)
+    cfg = MLPDeciderConfig(sites=["blocks.0.resid_post", "blocks.1.resid_post"], d_model=d, topk=k, hidden=16,
+                           n_blocks=1)
     dec = train_mlp_decider(feats, labels, cfg, epochs=12, lr=3e-3, progress=False)
     assert dec.config.metrics["val_auroc"] > 0.95
     save_decider(dec, tmp_path)
     again = load_decider(tmp_path, threshold=0.7)
-    assert again.threshold == 0.7 and again.layers == [1, 2]
+    assert again.threshold == 0.7 and again.sites == ["blocks.0.resid_post", "blocks.1.resid_post"]
     with torch.no_grad():
         assert torch.equal(again(feats[:10]), dec(feats[:10]))
     with pytest.raises(ValueError, match="trained for this model"):
@@ -195,22 +198,26 @@ def test_evaluation_report_on_tiny(tiny_llama, tmp_path):
     oracle = ev.tokens[ev.tokens.decider == "oracle"]
     assert not oracle.broken.any()  # the oracle iterates only mispredicted tokens, so it cannot break one
     assert ((oracle.depth > 0) == ~oracle.first_correct).all()
-    write_iteration_report(ev, tmp_path)
-    assert {"summary.json", "iteration.png", "report.md", "tokens.parquet"} <= {p.name for p in tmp_path.iterdir()}
+    result_of(IterationConfig(model="tiny-llama", chunks=2, seq_len=24), ev).write(tmp_path)
+    assert {"summary.json", "iteration.png", "report.md", "tokens.parquet", "study.json"} <= {
+        p.name for p in tmp_path.iterdir()}
+    back = Result.read(tmp_path)
+    assert back.config.chunks == 2 and list(back.tables["summary"].decider) == ["always", "entropy", "oracle"]
 
 
 @pytest.mark.embedded
 def test_embedded_iteration_and_decider_data(smollm):
     ids = prose_chunks(smollm, "eval", 1, 48)[0]
     with torch.inference_mode():
-        fp = first_pass(smollm, ids, [2, 10])
+        fp = first_pass(smollm, ids, ["blocks.1.resid_post", "blocks.9.resid_post"])
         plain = smollm.hf_model(input_ids=torch.tensor([ids])).logits[0].float()
         assert (fp.logits - plain).abs().max() < 1e-3
         res = iterate_from(smollm, fp, EntropyDecider(2.0), max_iter=2)
     share = float((res.depth > 0).float().mean())
     assert 0.0 < share < 1.0
     assert torch.equal(res.logits[res.depth == 0], fp.logits[res.depth == 0])
-    feats, labels, ents = decider_dataset(smollm, [ids], [2, 10], k=100, progress=False)
+    feats, labels, ents = decider_dataset(smollm, [ids], ["blocks.1.resid_post", "blocks.9.resid_post"], k=100,
+                                          progress=False)
     assert feats.shape == (47, 2 * 576 + 100) and 0 < labels.mean() < 1
     assert auroc(labels.numpy(), ents.numpy()) > 0.5  # entropy ranks mispredictions above chance
     th = continuous_thoughts(smollm, "2 + 2 =", n_latent=2, rescale=True, max_new_tokens=3)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import hiddenlens.analyses.leakage as leakage
-from hiddenlens.analyses.leakage import (SentenceEmbedder, continuation_nll, default_ranges, leak_indicators,
-                                         leakage_sweep, load_prompt_pairs, reduction, write_leakage_report)
+from hiddenlens.analyses.leakage import (SentenceEmbedder, continuation_nll, leak_indicators, load_prompt_pairs,
+                                         reduction)
+from hiddenlens.studies.leakage import LeakageConfig, Result, default_ranges, leakage_sweep, result_of
 
 
 def _unit(v):
@@ -88,10 +89,10 @@ class _KeywordEmbedder:
 
 def test_sweep_structure_and_report_on_tiny(tiny_llama, tmp_path):
     pairs = load_prompt_pairs(limit=2)
-    res = leakage_sweep(tiny_llama, pairs, ranges=[(1, 4), (4, 4)], n_samples=2, max_new_tokens=3,
+    res = leakage_sweep(tiny_llama, pairs, ranges=[(0, 3), (3, 3)], n_samples=2, max_new_tokens=3,
                         embedder=_KeywordEmbedder(), progress=False)
     s = res.summary.set_index("condition")
-    assert list(s.index) == ["control", "concept", "replace 1-4", "replace 4-4"]
+    assert list(s.index) == ["control", "concept", "replace 0-3", "replace 3-3"]
     assert s.loc["control", "kl_from_control"] == 0.0 and s.loc["concept", "kl_from_control"] > 0
     assert len(res.samples) == 2 * 2 * 4
     # the leak column is the known-answer comparison against the paired control sample
@@ -100,10 +101,13 @@ def test_sweep_structure_and_report_on_tiny(tiny_llama, tmp_path):
         c = ctrl.loc[(r.pair, r["sample"])]
         expected = 0.5 if r.similarity == c.similarity else float(r.similarity > c.similarity)
         assert r.leak == expected
-    write_leakage_report(res, tmp_path)
-    assert {"summary.json", "leakage.png", "report.md", "samples.parquet", "summary.csv"} <= {
+    result_of(LeakageConfig(model="tiny-llama", ranges=[[0, 3], [3, 3]]), res).write(tmp_path)
+    assert {"summary.json", "leakage.png", "report.md", "samples.parquet", "summary.csv", "study.json"} <= {
         p.name for p in tmp_path.iterdir()}
-    assert default_ranges(30, 5) == [(1, 30), (8, 30), (16, 30), (23, 30), (30, 30)]
+    back = Result.read(tmp_path)
+    assert back.config.ranges == [[0, 3], [3, 3]] and back.summary["best_range"].startswith("replace")
+    assert list(back.tables["summary"].condition) == list(s.index)
+    assert default_ranges(30, 5) == [(0, 29), (7, 29), (14, 29), (22, 29), (29, 29)]
     with pytest.raises(ValueError, match="out of range"):
         leakage_sweep(tiny_llama, pairs, ranges=[(1, 9)], embedder=_KeywordEmbedder(), progress=False)
 
@@ -114,7 +118,7 @@ def test_embedded_minilm_and_sweep(smollm):
     assert emb.kind == "all-MiniLM-L6-v2"
     v = emb.encode(["yellow", "a yellow school bus", "a tax accountant"])
     assert v[0] @ v[1] > v[0] @ v[2]
-    res = leakage_sweep(smollm, load_prompt_pairs(limit=1), ranges=[(1, 30)], n_samples=2, max_new_tokens=2,
+    res = leakage_sweep(smollm, load_prompt_pairs(limit=1), ranges=[(0, 29)], n_samples=2, max_new_tokens=2,
                         embedder=emb, progress=False)
     s = res.summary.set_index("condition")
-    assert 0.0 <= s.loc["concept", "leak_rate"] <= 1.0 and np.isfinite(s.loc["replace 1-30", "ppl_unpatched_model"])
+    assert 0.0 <= s.loc["concept", "leak_rate"] <= 1.0 and np.isfinite(s.loc["replace 0-29", "ppl_unpatched_model"])

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 import hiddenlens as hl
-from hiddenlens.models.backends import wrap
-from hiddenlens.models.handle import ModelHandle
 
 pytestmark = pytest.mark.embedded
 
@@ -19,11 +17,8 @@ PROMPTS = ["The capital of France is Paris, and the capital of Italy is", "Two p
 TOL = 1e-4
 
 
-def _as_backend(handle, backend: str) -> ModelHandle:
-    other = ModelHandle(handle.hf_model, handle.tokenizer, handle.adapter, handle.spec, info=handle.info)
-    other._wrapped = wrap(other, backend)
-    other.backend = backend
-    return other
+def _as_backend(handle, backend: str):
+    return handle.with_backend(backend)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +39,8 @@ def runs(smollm_eager):
         with hl.capture(handle, sites) as cache:
             logits[name] = handle.run(PROMPTS).logits
         caches[name] = cache
-    return {"ref": ref, "hooks": hooks, "batch": batch, "caches": caches, "logits": logits, "sites": sites, "handle": h}
+    return {"ref": ref, "hooks": hooks, "batch": batch, "caches": caches, "logits": logits, "sites": sites, "handle": h,
+            "handles": handles}
 
 
 def _hooks(model: torch.nn.Module) -> dict:
@@ -104,3 +100,38 @@ def test_wrapping_left_the_hf_model_unchanged(runs):
         again = h.hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False).logits
     assert torch.equal(again, runs["ref"].logits)
+
+
+def _edits(h, clean_cache):
+    """A mix of every kind of edit, at sites across the model (fp32): add, zero heads, scale, set, patch, apply."""
+    a = h.adapter
+    g = torch.Generator().manual_seed(0)
+    return [
+        ({"blocks.3.resid_post": hl.Add(torch.randn(a.d_model, generator=g))}, {}),
+        ({"blocks.5.attn.z": hl.Zero()}, {"heads": [0, 4]}),
+        ({"blocks.7.mlp.post": hl.Scale(0.5)}, {"positions": "last"}),
+        ({"blocks.9.attn.out": hl.Set(torch.zeros(a.d_model))}, {"positions": [2, 3]}),
+        ({"blocks.2.resid_pre": hl.Patch(clean_cache)}, {"positions": slice(0, 4)}),
+        ({"blocks.11.attn.v": hl.Apply(lambda v, where: v.flip(-1))}, {"heads": [1]}),
+        ({"blocks.4.attn.pattern": hl.Apply(lambda p, where: torch.softmax(p * 0.5, -1))}, {}),
+    ]
+
+
+def test_edits_give_the_same_logits_on_every_backend(runs):
+    """An edit gives the same logits on the hf, transformer_lens and nnsight backends within 1e-4 (fp32)."""
+    handles = runs["handles"]
+    h = handles["hf"]
+    with hl.capture(h, "blocks.2.resid_pre") as clean:
+        h.run(["The Colosseum is in the city of Rome, and the capital of Italy is", "Two plus two"])
+    plain = h.run(PROMPTS).logits
+    real = h.tokenize(PROMPTS).attention_mask.bool()
+    for edits, kw in _edits(h, clean):
+        out = {}
+        for name, other in handles.items():
+            with hl.edit(other, edits, **kw):
+                out[name] = other.run(PROMPTS).logits
+        site = next(iter(edits))
+        assert (out["hf"][real] - plain[real]).abs().max() > 1e-3, f"{site}: the edit changed nothing"
+        for name in ("transformer_lens", "nnsight"):
+            diff = float((out[name][real] - out["hf"][real]).abs().max())
+            assert diff < TOL, f"{site} on {name}: logits differ from hf by {diff:.2e}"

@@ -10,8 +10,8 @@ import pytest
 
 from hiddenlens.analyses.arithmetic import few_shot_examples, is_correct, make_problems, parse_answer
 from hiddenlens.analyses.regimes import (build_messages, chat_prompt_ids, generate_with_intention, intention_pass,
-                                         load_regime_results, paired_differences, run_regimes, wilson_ci,
-                                         write_regime_report)
+                                         paired_differences, run_regimes)
+from hiddenlens.studies.intention import IntentionConfig, Result, result_of
 
 
 def _evaluate(solution: str) -> int:
@@ -61,12 +61,6 @@ def test_is_correct_needs_exact_value():
     assert is_correct("#### 19", 19) and not is_correct("#### 18", 19) and not is_correct("none", 19)
 
 
-def test_wilson_interval_matches_known_values():
-    lo, hi = wilson_ci(8, 40)  # hand-computed: centre 0.2263, half-width 0.1213
-    assert lo == pytest.approx(0.1050, abs=1e-3) and hi == pytest.approx(0.3476, abs=1e-3)
-    assert wilson_ci(0, 200)[0] == 0.0 and wilson_ci(0, 200)[1] == pytest.approx(0.01884, abs=1e-4)
-
-
 def test_messages_put_shots_before_the_question(tiny_llama):
     probs, shots = make_problems(1), few_shot_examples(2)
     msgs = build_messages(probs[0], "cot", shots)
@@ -101,16 +95,17 @@ def test_regime_run_writes_a_complete_report(tiny_llama, tmp_path):
     assert res.states["cot"].shape == (12, 4, 64)
     assert ((res.items["h_int_bits"] >= 0) & (res.items["h_int_bits"] <= math.log2(100) + 1e-9)).all()
     assert len(res.dims) == 3 * 4 * 2  # regimes x layers x (pre, post)
-    folder = write_regime_report(res, tmp_path / "rep")
-    names = {p.name for p in folder.path.iterdir()}
+    folder = result_of(IntentionConfig(model="tiny-llama", n=12, shots=1), res).write(tmp_path / "rep")
+    names = {p.name for p in folder.iterdir()}
     assert {"items.parquet", "items.csv", "regimes.parquet", "dims.csv", "summary.json", "report.md",
-            "regimes.png", "dim_eff_by_layer.png", "h_int_hist.png"} <= names
-    summary = json.loads((folder.path / "summary.json").read_text())
+            "regimes.png", "dim_eff_by_layer.png", "h_int_hist.png", "study.json"} <= names
+    summary = json.loads((folder / "summary.json").read_text())
     assert summary["config"]["shots"] == 1 and len(summary["regimes"]) == 3
-    assert "paper v1" in (folder.path / "report.md").read_text()
-    back = load_regime_results(folder.path)
-    assert back.items[["regime", "item", "correct"]].equals(res.items[["regime", "item", "correct"]])
-    assert back.config["layers"] == [0, 1, 2, 3]
+    assert "paper v1" in (folder / "report.md").read_text()
+    back = Result.read(folder)
+    items = back.tables["items"]
+    assert items[["regime", "item", "correct"]].equals(res.items[["regime", "item", "correct"]])
+    assert back.summary["config"]["layers"] == [0, 1, 2, 3] and back.config.shots == 1
 
 
 def test_paired_differences_have_the_known_mean():

@@ -1,6 +1,6 @@
 import pytest
 
-from hiddenlens.probes.sites import UnknownSiteError, all_site_names, resolve_sites
+from hiddenlens.probes.sites import Site, UnknownSiteError, all_site_names, parse_layers, parse_site, resolve_sites
 
 
 def names(patterns, n=4, unavailable=None):
@@ -29,7 +29,7 @@ def test_unknown_site_lists_closest_names():
         resolve_sites("blocks.1.resid_pots", 4)
     with pytest.raises(UnknownSiteError, match="out of range.*4 blocks"):
         resolve_sites("blocks.7.resid_post", 4)
-    with pytest.raises(UnknownSiteError, match="cannot read the layer part"):
+    with pytest.raises(UnknownSiteError, match="cannot read 'x'"):
         resolve_sites("blocks.x.resid_post", 4)
     with pytest.raises(UnknownSiteError, match="parallel"):
         resolve_sites("blocks.0.resid_mid", 4, {"resid_mid": "parallel residual"})
@@ -39,3 +39,30 @@ def test_unknown_site_lists_closest_names():
 
 def test_all_site_names_counts():
     assert len(all_site_names(30)) == 3 + 30 * 13
+
+
+def test_parse_layers_is_the_one_layer_parser():
+    assert parse_layers("3", 8) == [3]
+    assert parse_layers("3,5-7", 8) == [3, 5, 6, 7]
+    assert parse_layers("-1", 8) == [7]
+    assert parse_layers("2--1", 8) == list(range(2, 8))
+    assert parse_layers("*", 4) == [0, 1, 2, 3]
+    assert parse_layers([1, 1, 0], 4) == [0, 1]
+    assert parse_layers(2, 4) == [2]
+    with pytest.raises(ValueError, match="reversed"):
+        parse_layers("7-3", 8)
+    with pytest.raises(UnknownSiteError, match="reversed"):
+        resolve_sites("blocks.3-1.resid_post", 8)  # a reversed range is an error, never an empty set
+    with pytest.raises(ValueError, match="--layers: layer 8 .* out of range"):
+        parse_layers("8", 8, what="--layers")
+    for bad in ("", "1,,2", "a", "1-", True):
+        with pytest.raises(ValueError):
+            parse_layers(bad, 8)
+
+
+def test_parse_site_without_a_model():
+    assert parse_site("blocks.12.resid_post") == Site(12, "resid_post")
+    assert parse_site("blocks.3.hook_resid_post") == Site(3, "resid_post")
+    assert parse_site("embed") == Site(None, "embed")
+    with pytest.raises(UnknownSiteError, match="one site name"):
+        parse_site("blocks.*.resid_post")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hiddenlens as hl
-from hiddenlens.analyses.truth import Direction
+from hiddenlens.probes.direction import Direction
 from hiddenlens.interventions.steer import (SteerOutput, Steering, SteeringNotAppliedError, steer_generate)
 
 PROMPTS = ["The capital of France is", "In the beginning the", "A"]
@@ -13,7 +13,8 @@ PROMPTS = ["The capital of France is", "In the beginning the", "A"]
 
 def rand_dir(width, sigma, layer, site="resid_post", head=None, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Direction(torch.nn.functional.normalize(torch.randn(width, generator=g), dim=0), sigma, layer, site, head)
+    return Direction(torch.nn.functional.normalize(torch.randn(width, generator=g), dim=0), sigma,
+                     f"blocks.{layer}.{site}", head)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +128,14 @@ def test_nnsight_and_transformer_lens_backends_give_the_same_tokens(tiny_llama, 
         assert torch.equal(a.sequences.cpu(), b.sequences.cpu()), mode
         assert torch.allclose(a.added_norm, b.added_norm)
     tl = hl.load_model("tiny-llama", backend="transformer_lens")
-    with pytest.raises(ValueError, match="transformer_lens"):
-        Steering(tl, dirs, 1.0, "all")
+    with Steering(tl, dirs, 6.0, "all") as st_tl:
+        tl_out = tl.run(PROMPTS)
+    with Steering(tiny_llama, dirs, 6.0, "all") as st_hf:
+        hf_out = tiny_llama.run(PROMPTS)
+    real = hf_out.attention_mask.bool()
+    # the edit itself runs on the bridge's hook points
+    assert torch.allclose(tl_out.logits[real], hf_out.logits[real], atol=1e-4)
+    assert torch.allclose(st_tl.added_norm(0), st_hf.added_norm(0), atol=1e-4)
     c = steer_generate(tl, PROMPTS, dirs, 6.0, "generated", max_new_tokens=6)
     assert torch.equal(c.sequences.cpu(),
                        steer_generate(tiny_llama, PROMPTS, dirs, 6.0, "generated", max_new_tokens=6).sequences)
@@ -151,6 +158,6 @@ def test_bad_steering_fails_loudly(tiny_llama, dirs):
         Steering(tiny_llama, dirs, float("inf"))
     with pytest.raises(ValueError, match="no directions"):
         Steering(tiny_llama, [], 1.0)
-    with pytest.raises(SteeringNotAppliedError, match="never fired"):
+    with pytest.raises(SteeringNotAppliedError, match="never ran"):
         with Steering(tiny_llama, dirs, 1.0):
             pass

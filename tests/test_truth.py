@@ -1,13 +1,17 @@
 """Truthful directions on synthetic data with known answers (methods.md 3 and 6.1-6.2), data splits, save/load."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
+
 import pytest
 import torch
 
 from hiddenlens.analyses import truth as T
 from hiddenlens.analyses.truth_data import FAMILIES, data_hash, load_capitals, make_statements
+from hiddenlens.probes.direction import load_directions, save_directions
 
 
 def two_clusters(n=2000, d=32, snr=3.0, seed=0, axis=None):
@@ -103,7 +107,7 @@ def test_top_k_picks_planted_head():
     assert T.top_k_heads(table, 1) == [(2, 1)]
     assert T.top_k_heads(table, 2) == [(2, 1), (0, 3)]
     dirs = T.iti_directions(torch.cat([tr, va]), torch.cat([ytr, yva]), [0, 1, 2], [(2, 1)], table=table)
-    assert dirs[0].site == "attn.z" and dirs[0].head == 1 and abs(float(dirs[0].vector[0])) > 0.95
+    assert dirs[0].site == "blocks.2.attn.z" and dirs[0].head == 1 and abs(float(dirs[0].vector[0])) > 0.95
 
 
 def test_layer_sweep_finds_signal_layer():
@@ -159,20 +163,44 @@ def test_bad_inputs_fail_loudly():
 
 # ---- save / load --------------------------------------------------------------------------------------------
 def test_direction_roundtrip(tmp_path):
-    d = T.Direction(torch.tensor([0.6, 0.8, 0.0]), 2.5, 7, "resid_post", None, "probe", "m", "abc", (1.5, -0.2),
-                    {"test_auroc": 0.9})
+    d = T.Direction(torch.tensor([0.6, 0.8, 0.0]), 2.5, "blocks.7.resid_post", None, "probe", "m", "abc",
+                    (1.5, -0.2), {"test_auroc": 0.9})
     stem = d.save(tmp_path / "dir")
     back = T.Direction.load(str(stem) + ".safetensors")
     assert torch.equal(back.vector, d.vector) and back.sigma == 2.5 and back.layer == 7
     assert back.detector == (1.5, -0.2) and back.metrics == {"test_auroc": 0.9} and back.method == "probe"
-    heads = [T.Direction(torch.randn(4), 1.0, 1, "attn.z", h, "mass_mean") for h in range(3)]
-    T.save_directions(heads, tmp_path / "heads")
-    loaded = T.load_directions(tmp_path / "heads.json")
+    heads = [T.Direction(torch.randn(4), 1.0, "blocks.1.attn.z", h, "mass_mean") for h in range(3)]
+    save_directions(heads, tmp_path / "heads")
+    loaded = load_directions(tmp_path / "heads.json")
     assert [x.head for x in loaded] == [0, 1, 2]
     assert all(torch.equal(a.vector, b.vector) for a, b in zip(heads, loaded))
-    assert len(T.load_directions(tmp_path / "dir")) == 1
+    assert len(load_directions(tmp_path / "dir")) == 1
     with pytest.raises(FileNotFoundError, match="truth directions"):
         T.Direction.load(tmp_path / "missing")
+    assert json.loads((tmp_path / "dir.json").read_text())["format"] == 2
+    assert "blocks.7.resid_post" in repr(d) and len(repr(d)) < 120  # one short line, not the vector
+    with pytest.raises(ValueError, match="need a head"):
+        T.Direction(torch.randn(4), 1.0, "blocks.1.attn.z")
+    with pytest.raises(ValueError, match="take a head"):
+        T.Direction(torch.randn(4), 1.0, "blocks.1.resid_post", head=0)
+
+
+def test_version_1_direction_files_still_load(tmp_path):
+    """Files written before directions were addressed by site name (layer + site kind, no format field)."""
+    from safetensors.torch import save_file
+
+    save_file({"vector": torch.tensor([1.0, 0.0])}, str(tmp_path / "old.safetensors"))
+    (tmp_path / "old.json").write_text(json.dumps({"sigma": 2.0, "layer": 5, "site": "resid_post", "head": None,
+                                                   "method": "probe", "model": "m", "data_hash": "",
+                                                   "metrics": {}, "detector": [1.0, 0.0]}))
+    old = T.Direction.load(tmp_path / "old")
+    assert old.site == "blocks.5.resid_post" and old.layer == 5 and old.sigma == 2.0
+    save_file({"vector.0": torch.ones(3), "vector.1": torch.zeros(3)}, str(tmp_path / "heads.safetensors"))
+    meta = {"sigma": 1.0, "layer": 2, "site": "attn.z", "method": "mass_mean", "model": "", "data_hash": "",
+            "metrics": {}, "detector": [1.0, 0.0]}
+    (tmp_path / "heads.json").write_text(json.dumps({"directions": [meta | {"head": 0}, meta | {"head": 3}]}))
+    heads = load_directions(tmp_path / "heads")
+    assert [(h.site, h.head) for h in heads] == [("blocks.2.attn.z", 0), ("blocks.2.attn.z", 3)]
 
 
 # ---- on a tiny model (plumbing; the embedded model carries the real claims) -----------------------------------
@@ -186,7 +214,7 @@ def test_extract_and_token_scores_on_tiny(tiny_llama):
     assert torch.allclose(acts["resid"][1, 1], cache["blocks.3.resid_post"][0, -1], atol=1e-5)
     with pytest.raises(ValueError, match="out of range"):
         T.extract_last_token(tiny_llama, texts, layers=[4])
-    d = T.Direction(torch.nn.functional.normalize(torch.randn(64), dim=0), 1.0, 2)
+    d = T.Direction(torch.nn.functional.normalize(torch.randn(64), dim=0), 1.0, "blocks.2.resid_post")
     df = T.token_scores(tiny_llama, d, "The capital of France is", max_new_tokens=4)
     assert df.generated.sum() == 4 and len(df) == (~df.generated).sum() + 4
     assert df.p_true.between(0, 1).all() and isinstance(df, pd.DataFrame)

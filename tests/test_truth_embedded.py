@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hiddenlens.analyses.steer_eval import answer_logprobs, random_like
-from hiddenlens.analyses.truth import Direction, extract_last_token, fit_direction, layer_sweep
+from hiddenlens.analyses.truth import extract_last_token, fit_direction, layer_sweep
 from hiddenlens.analyses.truth_data import make_statements
 from hiddenlens.interventions.steer import steer_generate
+from hiddenlens.probes.direction import Direction
+from hiddenlens.studies.steering import answer_logprobs, random_like
 
 pytestmark = pytest.mark.embedded
 LAYERS = [2, 12, 16]

@@ -10,14 +10,15 @@ st.header("Semantic leakage")
 key = ui.require_model()
 prompt = ui.prompt()
 st.caption("Follow-the-Flow replacement: the span's residual states are overwritten by its states when "
-           "`[BOS] + span` runs alone, at every residual state in the range (0 = embedding output, "
-           "l = output of block l-1); later tokens see the replaced span.")
+           "`[BOS] + span` runs alone, at the output of every block in the range (`blocks.l.resid_post`); "
+           "later tokens see the replaced span.")
 words = sorted({w for w in re.findall(r"[A-Za-z][\w'-]*", prompt)}, key=prompt.find)
 c1, c2 = st.columns(2)
 span = c1.selectbox("Span (a word of the prompt)", words, index=len(words) // 2 if words else None, key="leak_span",
                     accept_new_options=True, help="pick a word, or type any substring of the prompt")
-n_states = backend.model_card(key)["architecture"]["n_layers"]
-first, last = c2.slider("Layer range (residual states)", 0, n_states, (0, max(1, n_states // 2)), key="leak_layers")
+n_layers = backend.model_card(key)["architecture"]["n_layers"]
+first, last = c2.slider("Block range (outputs replaced)", 0, n_layers - 1, (0, max(1, n_layers // 2)),
+                        key="leak_layers")
 c1, c2, c3 = st.columns(3)
 mode = c1.selectbox("Positions of the lone run", ["isolated", "original"], key="leak_mode")
 which = c2.selectbox("Span tokens replaced", ["all", "last"], key="leak_tokens")
@@ -30,12 +31,12 @@ with ui.shown_errors("The replacement"):
     m = st.columns(3)
     m[0].metric("Span tokens", cmp.span.n_tokens)
     m[1].metric("KL(after || before), next token", f"{cmp.kl_after_before:.4f} nats")
-    changes = cmp.log.by_layer()
+    changes = cmp.log.by_site()
     m[2].metric("Largest state change", f"{max(changes.values()):.2f}" if changes else "none")
     left, right = st.columns(2)
     left.markdown("**Before** (plain)")
     left.code(prompt + cmp.continuation_before, language=None, wrap_lines=True)
-    right.markdown(f"**After** (span *{cmp.span.text}* replaced at states {first}-{last})")
+    right.markdown(f"**After** (span *{cmp.span.text}* replaced at blocks {first}-{last})")
     right.code(prompt + cmp.continuation_after, language=None, wrap_lines=True)
     table = cmp.table
     st.plotly_chart(figures.grouped_bars(table["token"].map(repr).tolist(),
@@ -45,4 +46,4 @@ with ui.shown_errors("The replacement"):
     if changes:
         st.plotly_chart(figures.layer_curves({"largest |change|": list(changes.values())},
                                              "How much the replacement moved the span's states", "L2",
-                                             [str(k) for k in changes], xaxis="residual state"), key="leak_changes")
+                                             [str(k) for k in changes], xaxis="site"), key="leak_changes")

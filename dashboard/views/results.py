@@ -1,4 +1,5 @@
-"""Results: open any report folder written by a hiddenlens command (tables, figures, report), no recomputing."""
+"""Results: the runs under the runs root (``runs/<study>/<name>``), each read with its study's ``Result.read``
+(tables, figures, report), no recomputing; any other results folder can be opened by path."""
 import json
 
 import streamlit as st
@@ -6,13 +7,16 @@ import streamlit as st
 from hiddenlens.dashboard import backend, modelstore
 
 st.header("Results")
-st.caption("Open a folder written by a `hiddenlens analyze ...` command (summary.json, *.parquet / *.csv tables, "
-           "*.png figures, report.md). Only JSON, Parquet, CSV, PNG, Markdown and safetensors headers are read.")
-root = st.text_input("Search for report folders under", value=modelstore.runs_dir(), key="res_root")
-found = backend.find_report_folders(root)
+st.caption("Open a run folder written by a study (`hiddenlens analyze ...`, `truth directions`, `steer eval`, "
+           "`bb reproduce`: summary.json, *.parquet / *.csv tables, *.png figures, report.md, study.json). Only "
+           "JSON, Parquet, CSV, PNG, Markdown and safetensors headers are read.")
+root = st.text_input("Runs root", value=modelstore.runs_dir(), key="res_root")
+found = backend.find_runs(root)
 if found:
-    st.selectbox("Report folders found", found, key="res_found", index=None, placeholder="pick one...",
+    st.selectbox("Runs found", found, key="res_found", index=None, placeholder="pick one...",
                  on_change=lambda: st.session_state.update(res_path=st.session_state["res_found"] or ""))
+else:
+    st.caption(f"No runs (folders with a study.json) under {root or '.'}.")
 path = st.text_input("Results folder", key="res_path", placeholder="path/to/report-folder")
 if path.strip():
     try:
@@ -20,7 +24,8 @@ if path.strip():
     except backend.ResultsError as exc:
         st.error(f"Cannot open this results folder: {exc}")
         st.stop()
-    st.success(f"Opened {res.path}")
+    st.success(f"Opened {res.path}" + (f" (a `{res.study}` run)" if res.study else " (no study.json: shown file by "
+                                                                               "file)"))
     for name, problem in res.problems.items():
         st.warning(f"{name} could not be read: {problem}")
     if res.summary is not None:

@@ -1,8 +1,20 @@
-"""Three backends, one site scheme: how far TransformerLens and nnsight are from the hf backend (docs/backends.md)."""
+"""Three backends, one site scheme: how far TransformerLens and nnsight are from the hf backend (docs/backends.md).
+
+Writes into $HIDDENLENS_OUT (default runs/examples; HIDDENLENS_OUT=docs/figures regenerates the docs'
+figure).
+"""
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 import hiddenlens as hl
 
+OUT = Path(os.environ.get("HIDDENLENS_OUT", "runs/examples"))    # where figures and files go
+OUT.mkdir(parents=True, exist_ok=True)
 prompts = ["The capital of France is Paris, and the capital of Italy is", "Two plus two equals"]
 sites = ["blocks.*.resid_post", "blocks.*.attn.z", "final_norm", "logits"]
 caches = {}
@@ -37,4 +49,4 @@ for backend, marker in (("transformer_lens", "o"), ("nnsight", "s")):
 plt.axhline(2 ** -23, color="gray", lw=0.8, label="fp32 machine epsilon")
 plt.xlabel("block"), plt.ylabel("max |difference| / max |value| vs hf (0 drawn at 1e-12)")
 plt.title("SmolLM2-135M fp32: hf (SDPA) vs the other backends"), plt.legend(fontsize=7)
-plt.savefig("docs/figures/backends.png", dpi=100, bbox_inches="tight")
+plt.savefig(OUT / "backends.png", dpi=100, bbox_inches="tight")

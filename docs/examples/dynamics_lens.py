@@ -1,10 +1,18 @@
 """Logit lens of "The capital of France is" on the embedded model: rank of " Paris", entropy, KL and
-geometry per layer. Run from the repository root: python docs/examples/dynamics_lens.py"""
+geometry per layer. Run from the repository root: python docs/examples/dynamics_lens.py
+Writes into $HIDDENLENS_OUT (default runs/examples; HIDDENLENS_OUT=docs/figures regenerates the docs'
+figure)."""
+import os
+from pathlib import Path
+
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import hiddenlens as hl
 from hiddenlens.analyses.dynamics import logit_lens
+
+OUT = Path(os.environ.get("HIDDENLENS_OUT", "runs/examples"))    # where figures and files go
+OUT.mkdir(parents=True, exist_ok=True)
 
 handle = hl.load_model()                                    # embedded SmolLM2-135M-Instruct
 df = logit_lens(handle, "The capital of France is", target=" Paris")
@@ -20,4 +28,4 @@ axes[2].plot(last["layer"], last["cos_last"], marker="o"); axes[2].set_title("co
 for ax in axes:
     ax.set_xlabel("layer (-1 = embed)")
 fig.tight_layout()
-fig.savefig("docs/figures/dynamics_paris.png", dpi=100)
+fig.savefig(OUT / "dynamics_paris.png", dpi=100)

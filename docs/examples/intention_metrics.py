@@ -3,7 +3,12 @@
 Forward passes only (a few seconds per batch on CPU): 60 zero-shot direct-regime prompts, the intention state at
 every layer, and a probe recovering the problem's difficulty level (1 vs 2-3) from the last-5-layer states.
 Run from the repository root: python docs/examples/intention_metrics.py
+Writes into $HIDDENLENS_OUT (default runs/examples; HIDDENLENS_OUT=docs/figures regenerates the docs'
+figure).
 """
+import os
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,6 +18,9 @@ import hiddenlens as hl
 from hiddenlens.analyses.arithmetic import make_problems
 from hiddenlens.analyses.intention import layered_dimensionality, recoverability
 from hiddenlens.analyses.regimes import build_messages, chat_prompt_ids, intention_pass
+
+OUT = Path(os.environ.get("HIDDENLENS_OUT", "runs/examples"))    # where figures and files go
+OUT.mkdir(parents=True, exist_ok=True)
 
 handle = hl.load_model()
 problems = make_problems(60, seed=0)
@@ -37,4 +45,4 @@ axes[1].hist(res["h_int_full"], bins=15, alpha=0.6, label="full vocabulary")
 axes[1].set(xlabel="H_int (bits)", ylabel="items", title="first-token entropy")
 axes[1].legend()
 fig.tight_layout()
-fig.savefig("docs/figures/intention_metrics.png", dpi=100)
+fig.savefig(OUT / "intention_metrics.png", dpi=100)

@@ -2,11 +2,22 @@
 
     hiddenlens bench capture --reps 3 --out runs/bench-capture/capture.json
     python docs/examples/performance.py runs/bench-capture/capture.json
+
+Writes into $HIDDENLENS_OUT (default runs/examples; HIDDENLENS_OUT=docs/figures regenerates the docs'
+figure).
 """
 import json
+import os
 import sys
+from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+OUT = Path(os.environ.get("HIDDENLENS_OUT", "runs/examples"))    # where figures and files go
+OUT.mkdir(parents=True, exist_ok=True)
 
 result = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-capture/capture.json"))
 fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), sharey=True)
@@ -27,4 +38,4 @@ fig.suptitle(f"{result['model']} {result['device']} {result['dtype']}, batch {re
              f"tokens, {result['reps']} interleaved reps, {result['torch_threads']} thread(s), shared CPU",
              fontsize=9)
 fig.tight_layout()
-fig.savefig("docs/figures/performance.png", dpi=90, bbox_inches="tight")
+fig.savefig(OUT / "performance.png", dpi=90, bbox_inches="tight")

@@ -1,10 +1,23 @@
 """Token replacement: how far the next-token distribution moves when a clause's state at one layer is swapped for
-its uncontextualized state (docs/leakage.md). Writes docs/figures/replace.png."""
+its uncontextualized state (docs/leakage.md). Writes replace.png.
+
+Writes into $HIDDENLENS_OUT (default runs/examples; HIDDENLENS_OUT=docs/figures regenerates the docs'
+figure).
+"""
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
 import hiddenlens as hl
 from hiddenlens.interventions.replace import compare_replacement, isolated_inputs, locate_span, run_replaced
+
+OUT = Path(os.environ.get("HIDDENLENS_OUT", "runs/examples"))    # where figures and files go
+OUT.mkdir(parents=True, exist_ok=True)
 
 torch.set_grad_enabled(False)
 handle = hl.load_model()                                     # SmolLM2-135M-Instruct, offline, fp32 on CPU
@@ -31,4 +44,4 @@ ax.plot(layers, kl_alone, "s-", label="KL(clause alone || after)")
 ax.set_xlabel("replaced residual state (0 = embedding, 30 = last block output)")
 ax.set_ylabel("next-token KL (nats)")
 ax.set_title(f"Replacing '{span.text}' in '{prompt}'", fontsize=9), ax.legend(fontsize=8)
-fig.savefig("docs/figures/replace.png", dpi=100, bbox_inches="tight")
+fig.savefig(OUT / "replace.png", dpi=100, bbox_inches="tight")

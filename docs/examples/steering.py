@@ -1,16 +1,30 @@
 """Steering with a truthful direction (docs/steering.md): the four modes, what each one added where, and the
 margin of the correct capital vs alpha beside a random direction of the same size.
-Needs results/truth/ from docs/examples/truth.py. Writes docs/figures/steering.png."""
+Needs $HIDDENLENS_OUT/truth/ from docs/examples/truth.py (run it first with the same HIDDENLENS_OUT). Writes
+steering.png.
+
+Writes into $HIDDENLENS_OUT (default runs/examples; HIDDENLENS_OUT=docs/figures regenerates the docs'
+figure).
+"""
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 import hiddenlens as hl
-from hiddenlens.analyses.steer_eval import answer_logprobs, random_like
-from hiddenlens.analyses.truth import load_directions
 from hiddenlens.analyses.truth_data import make_statements
 from hiddenlens.interventions.steer import steer_generate
+from hiddenlens.probes.direction import load_directions
+from hiddenlens.studies.steering import answer_logprobs, random_like
+
+OUT = Path(os.environ.get("HIDDENLENS_OUT", "runs/examples"))    # where figures and files go
+OUT.mkdir(parents=True, exist_ok=True)
 
 handle = hl.load_model()
-d = load_directions("results/truth/direction_mass_mean")   # [Direction]; .sigma, .layer, .detector
+d = load_directions(OUT / "truth" / "direction_mass_mean")   # [Direction]; .sigma, .layer, .detector
 prompts = ["The capital of Kenya is", "Q: What is the capital of Peru? A:"]
 fig, ax = plt.subplots(1, 3, figsize=(15, 3.6))
 modes, rows = ["all", "prompt", "generated", "conditional"], []
@@ -44,4 +58,4 @@ ax[2].set(xlabel="checked new token", ylabel="detector p_true",
           title="conditional: detector on each new token")
 ax[2].text(0, 0.3, f"rollback at position {cond.rollback[0]}\n'{cond.texts[0].strip()[:32]}...'".replace("\n\n", " "),
            fontsize=8)
-plt.savefig("docs/figures/steering.png", dpi=90, bbox_inches="tight")
+plt.savefig(OUT / "steering.png", dpi=90, bbox_inches="tight")

@@ -1,18 +1,66 @@
-"""The ``hiddenlens`` command line (typer). Each feature adds its commands in its own module below."""
+"""The ``hiddenlens`` command line (typer): one module per top-level command or command group.
+
+    info.py  capture.py  demo.py  dashboard.py  train_lens.py  train_decider.py    top-level commands
+    analyze.py  bench.py  bb.py  truth.py  steer.py                               command groups
+    options.py                                                                    shared options, model loading
+
+User errors (``ValueError``, ``FileNotFoundError``, ``KeyError`` raised for bad input) print one line
+``error: ...`` and exit with status 2; ``--debug`` (or ``HIDDENLENS_DEBUG=1``) shows the full traceback instead.
+"""
 from __future__ import annotations
+
+import os
+import sys
 
 import typer
 
+from . import analyze, bb, bench, capture, dashboard, demo, info, steer, train_decider, train_lens, truth
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+DEBUG_ENV = "HIDDENLENS_DEBUG"
+
 app = typer.Typer(help="hiddenlens: look inside language models and change what they do.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-analyze_app = typer.Typer(help="Analyses over prompt sets and checkpoints; each writes a report folder.",
-                          no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that print side-by-side ratios and write JSON.", no_args_is_help=True)
-app.add_typer(analyze_app, name="analyze")
-app.add_typer(bench_app, name="bench")
+_state = {"debug": False}
 
 
-def main() -> None:
-    # Each module registers its commands on the apps above when imported.
-    from . import bench_capture, dashboard, foundation, intention, leakage, sinks, truth  # noqa: F401
-    app()
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help=f"show the full traceback of an error (also "
+                                                              f"{DEBUG_ENV}=1)")) -> None:
+    """hiddenlens: look inside language models and change what they do."""
+    _state["debug"] = debug
+
+
+app.command("info")(info.info)
+app.command("capture")(capture.capture)
+app.command("demo")(demo.demo)
+app.command("dashboard")(dashboard.dashboard)
+app.command("train-lens")(train_lens.train_lens)
+app.command("train-decider")(train_decider.train_decider)
+app.add_typer(analyze.app, name="analyze")
+app.add_typer(bench.app, name="bench")
+app.add_typer(bb.app, name="bb")
+app.add_typer(truth.app, name="truth")
+app.add_typer(steer.app, name="steer")
+
+
+def _debug() -> bool:
+    return _state["debug"] or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def error_message(exc: BaseException) -> str:
+    """One line: the exception's message (a KeyError's without its quotes), whitespace collapsed."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point (``hiddenlens`` and ``python -m hiddenlens``)."""
+    _state["debug"] = False
+    try:
+        app(args=argv, prog_name="hiddenlens")
+    except USER_ERRORS as exc:
+        if _debug():
+            raise
+        typer.echo(f"error: {error_message(exc)}", err=True)
+        sys.exit(2)

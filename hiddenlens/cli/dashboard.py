@@ -7,49 +7,56 @@ from pathlib import Path
 
 import typer
 
-from . import app
+from .options import DEFAULT_MODEL, Backend, Device, Dtype, Model
 
-MODEL_ENV = "HIDDENLENS_DASHBOARD_MODEL"  # same name as hiddenlens.dashboard.modelstore.MODEL_ENV (no streamlit import)
+# the same names as in hiddenlens.dashboard.modelstore (not imported here: that imports streamlit)
+MODEL_ENV = "HIDDENLENS_DASHBOARD_MODEL"
+BACKEND_ENV, DEVICE_ENV, DTYPE_ENV = ("HIDDENLENS_DASHBOARD_BACKEND", "HIDDENLENS_DASHBOARD_DEVICE",
+                                      "HIDDENLENS_DASHBOARD_DTYPE")
 RUNS_ENV = "HIDDENLENS_RUNS_DIR"
 
 
 def app_path() -> Path:
-    import hiddenlens.dashboard
+    """The dashboard's Streamlit script, found without importing the dashboard (a sibling layer of the CLI)."""
+    import importlib.util
 
-    return Path(hiddenlens.dashboard.__file__).parent / "app.py"
+    spec = importlib.util.find_spec("hiddenlens.dashboard")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the hiddenlens.dashboard package is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "app.py"
 
 
 def streamlit_command(model: str, port: int = 8501, address: str = "127.0.0.1", runs: str | None = None,
-                      headless: bool = True) -> tuple[list[str], dict[str, str]]:
+                      headless: bool = True, backend: str = "hf", device: str = "auto",
+                      dtype: str = "auto") -> tuple[list[str], dict[str, str]]:
     """The ``streamlit run`` argv and environment that serve the dashboard on ``address:port``."""
     argv = [sys.executable, "-m", "streamlit", "run", str(app_path()),
             f"--server.address={address}", f"--server.port={port}", f"--server.headless={str(headless).lower()}",
             "--server.enableXsrfProtection=true", "--server.maxUploadSize=16", "--server.maxMessageSize=64",
             "--server.fileWatcherType=none", "--server.runOnSave=false", "--browser.gatherUsageStats=false",
             "--client.toolbarMode=viewer", "--client.showErrorDetails=none", "--global.developmentMode=false"]
-    env = dict(os.environ, **{MODEL_ENV: model})
+    env = dict(os.environ, **{MODEL_ENV: model, BACKEND_ENV: backend, DEVICE_ENV: device, DTYPE_ENV: dtype})
     if runs:
         env[RUNS_ENV] = runs
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return argv, env
 
 
-@app.command()
-def dashboard(model: str = typer.Option("smollm2-135m-instruct", help="model opened first: embedded, tiny-llama, "
-                                        "tiny-gpt2, a checkpoint folder or a hub id"),
+def dashboard(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
               port: int = typer.Option(8501, help="port to serve on"),
               address: str = typer.Option("127.0.0.1", help="interface to bind; 0.0.0.0 exposes the dashboard to "
                                           "your network (no authentication)"),
-              runs: str = typer.Option("runs", help="folder searched for project checkpoints and report folders"),
+              runs: str = typer.Option("runs", help="runs root: project checkpoints and run folders "
+                                       "(runs/<study>/<name>)"),
               headless: bool = typer.Option(True, help="do not open a browser window")) -> None:
     """Start the interactive dashboard on MODEL (open the printed URL in a browser)."""
-    if model in ("embedded", "smollm2-135m-instruct"):
+    if model in ("embedded", DEFAULT_MODEL):
         from hiddenlens.models.embedded import ensure_converted
 
         ensure_converted()  # the one-off GGUF conversion runs here, visibly, not behind the first page load
     if address not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {address}: anyone who can reach this machine can use the dashboard",
                     fg=typer.colors.YELLOW, err=True)
-    argv, env = streamlit_command(model, port, address, runs, headless)
+    argv, env = streamlit_command(model, port, address, runs, headless, backend, device, dtype)
     typer.echo(f"hiddenlens dashboard on http://{address}:{port} (model {model}); Ctrl-C stops it")
     os.execvpe(argv[0], argv, env)

@@ -16,9 +16,9 @@ differ from ``TransformerBridge.boot_transformers(name, hf_model=...)``, on purp
   tokenizers it cannot work), so we call the builder it uses underneath (``build_bridge_from_module``) and hand
   the bridge the handle's own tokenizer.
 
-``attach_tl`` registers plain PyTorch forward hooks on the bridge's ``HookPoint`` modules of the requested sites
-(one hook per hook point, our own handles, removed in ``finally``), so it never touches hooks that user code
-added through TransformerLens (``add_hook`` / ``run_with_hooks``).
+Reads and edits go through the bridge's ``HookPoint`` modules (the dispatcher hooks of :mod:`.hooks`: our own
+handles, reference-counted), so hooks that user code added through TransformerLens (``add_hook`` /
+``run_with_hooks``) are never touched.
 """
 from __future__ import annotations
 
@@ -27,10 +27,13 @@ from typing import Callable
 
 import torch
 
-from hiddenlens.models.handle import share_weights_clone
+from hiddenlens.models.attention_functions import PATTERN_FUNCTIONS
+from hiddenlens.models.loading import share_weights_clone
 
-from .hf_hooks import forward_offset
-from .sites import Site
+from ..sites import Site
+from .errors import BackendError
+from .hf import _release_all, hf_generate, run_stopping
+from .hooks import HookRegistry, forward_offset
 
 #: our block site kind -> the bridge's hook point (relative to ``blocks.{i}``)
 _BLOCK_HOOKS = {
@@ -60,9 +63,10 @@ def hook_name(site: Site) -> str:
 
 
 def _canonical(site: Site, n_heads: int, n_kv_heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Bridge layout -> ours: per-head q/k/v/z come as ``[batch, pos, head, d]``, we use ``[batch, head, pos, d]``."""
+    """Bridge layout -> ours, as a view: per-head q/k/v/z come as ``[batch, pos, head, d]`` (or ``[batch, pos,
+    head * d]``), we use ``[batch, head, pos, d]``."""
     if site.kind not in ("attn.q", "attn.k", "attn.v", "attn.z"):
-        return lambda t: t
+        return _same
     heads = n_kv_heads if site.kind in ("attn.k", "attn.v") else n_heads
 
     def to_heads(t: torch.Tensor) -> torch.Tensor:
@@ -86,10 +90,8 @@ def wrap_transformer_lens(handle):
     except ImportError as exc:
         raise ImportError(f"backend='transformer_lens' needs transformer-lens >= 3 with TransformerBridge "
                           f"({exc}); `pip install 'transformer-lens>=4'` or use backend='hf'") from exc
-    from .attention import _PATTERN_FUNCTIONS
-
     impl = handle.hf_model.config._attn_implementation
-    if impl in _PATTERN_FUNCTIONS:
+    if impl in PATTERN_FUNCTIONS:
         raise ValueError(f"this model uses its own attention function ({impl!r}); the TransformerBridge would "
                          "replace it with softmax attention and give wrong numbers. Use backend='hf' or "
                          "backend='nnsight' for it")
@@ -120,57 +122,67 @@ def _cache_alias(module, args, kwargs):
     return None
 
 
-def _begin(capture) -> Callable:
-    def pre(module, args, kwargs):
-        offset, mask = forward_offset(args, kwargs)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if mask is not None and isinstance(ids, torch.Tensor) and ids.ndim == 2:
-            offset = mask.shape[1] - ids.shape[1]  # the 2-D mask spans cached + new tokens during generate
-        capture.begin_forward(offset, mask)
-    return pre
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
-def attach_tl(handle, capture) -> Callable[[], None]:
-    """Hook the bridge's hook points for ``capture.sites``; return the function that removes exactly those hooks."""
-    bridge, a = handle.model, handle.adapter
-    by_point: dict[str, list[tuple[Site, Callable]]] = {}
-    for site in capture.sites:
-        name = hook_name(site)
-        if name not in bridge.hook_dict:
-            raise KeyError(f"the TransformerBridge of this model has no hook point {name!r} for site {site.name}; "
-                           "use backend='hf' for this site")
-        by_point.setdefault(name, []).append((site, _canonical(site, a.n_heads, a.n_kv_heads)))
-    handles = []
-    try:
-        backbone = bridge.original_model.base_model
-        handles.append(backbone.register_forward_pre_hook(_begin(capture), with_kwargs=True))
-        for name, entries in by_point.items():
-            def hook(module, args, output, entries=entries):
-                for site, to_ours in entries:
-                    capture.record(site, to_ours(output))
-            handles.append(bridge.hook_dict[name].register_forward_hook(hook))
-    except BaseException:
-        for h in handles:
-            h.remove()
-        raise
-
-    def detach() -> None:
-        for h in handles:
-            h.remove()
-    return detach
+def _offset(args, kwargs) -> tuple[int, torch.Tensor | None, int]:
+    offset, mask, length = forward_offset(args, kwargs)
+    if mask is not None:
+        offset = mask.shape[1] - length  # the 2-D mask spans cached + new tokens during generate
+    return offset, mask, length
 
 
-def tl_forward(handle, batch, logits: bool = True, **kwargs):
-    """Run the bridge on a :class:`Batch`; returns logits ``[batch, pos, vocab]`` (None with ``logits=False``).
+class TransformerLensBackend:
+    """Runs a TransformerBridge over ``handle.hf_model``'s weights; reads and edits at its hook points."""
 
-    Positions are ``batch.position_ids`` (counted from each row's first real token), like the other backends.
-    """
-    kwargs.setdefault("position_ids", batch.position_ids)
-    out = handle.model(batch.input_ids, attention_mask=batch.attention_mask,
-                       return_type="logits" if logits else None, **kwargs)
-    return out if logits else None
+    name = "transformer_lens"
 
+    def __str__(self) -> str:
+        return self.name
 
-def generation_model(handle) -> torch.nn.Module:
-    """The transformers model whose ``generate`` runs through the bridge's hook points (the bridged clone)."""
-    return handle.model.original_model
+    def __init__(self, handle):
+        self.handle = handle
+        self.bridge = wrap_transformer_lens(handle)
+        self.hooks = HookRegistry(handle)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bridge
+
+    def attach(self, block) -> Callable[[], None]:
+        a = self.handle.adapter
+        releases: list[Callable[[], None]] = []
+        try:
+            releases.append(self.hooks.add_begin(self.bridge.original_model.base_model, _offset))
+            for site in block.sites:
+                name = hook_name(site)
+                if name not in self.bridge.hook_dict:
+                    raise BackendError(self.name, f"reach site {site.name} (the bridge has no hook point {name!r})")
+                releases.append(self.hooks.add_site(self.bridge.hook_dict[name], "output", site,
+                                                    _canonical(site, a.n_heads, a.n_kv_heads)))
+        except BaseException:
+            _release_all(releases)
+            raise
+        return lambda: _release_all(releases)
+
+    tap = attach
+    edit = attach
+
+    def forward(self, batch, logits: bool = True, stop_after: int | None = None, **kwargs):
+        """Positions are ``batch.position_ids`` (counted from each row's first real token), like the others."""
+        kwargs.setdefault("position_ids", batch.position_ids)
+
+        def run():
+            return self.bridge(batch.input_ids, attention_mask=batch.attention_mask,
+                               return_type="logits" if logits else None, **kwargs)
+        if logits:
+            return run()
+        stop = self.bridge.hook_dict[f"blocks.{stop_after}.hook_resid_post"] if stop_after is not None else None
+        run_stopping(self.hooks, self.handle, stop, stop_after, run)
+        return None
+
+    def generate(self, batch, max_new_tokens: int, do_sample: bool, output_scores: bool, streamer=None, **kwargs):
+        """HF's ``generate`` on the bridged clone (shared weights), so the bridge's hook points fire each step."""
+        return hf_generate(self.bridge.original_model, self.handle.tokenizer, batch, max_new_tokens, do_sample,
+                           output_scores, streamer, **kwargs)

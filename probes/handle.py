@@ -1,7 +1,10 @@
-"""``ModelHandle``: one object for a loaded model, whatever the backend.
+"""``ModelHandle``: one object for a loaded model, whatever the backend; ``load_model`` builds it.
 
 ``handle.run`` and ``handle.generate`` take prompts as strings or token ids, tokenize with left padding, batch,
-and report absolute positions to any active capture, so consumers never depend on the backend.
+tell the open capture / edit blocks of the calling thread which prompts each run covers, and run the handle's
+backend object (:mod:`hiddenlens.probes.backends`), so consumers never depend on the backend.
+``handle.run(..., logits=False)`` stops after the last block any open read or edit needs (TransformerLens's
+``stop_at_layer``, nnsight's ``stop()``): capturing layer 12 of 30 costs about 13/30 of a forward.
 
 BOS handling is explicit: ``add_bos=True`` prepends ``tokenizer.bos_token_id`` unless the sequence already starts
 with it, ``False`` never adds it, ``None`` (the default) keeps the tokenizer's own behaviour. The embedded
@@ -10,12 +13,20 @@ SmolLM2 tokenizer adds no BOS (its ``bos_token`` is ``<|im_start|>``, id 1), so 
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from .adapter import ArchitectureAdapter
+from hiddenlens.models.adapter import ArchitectureAdapter
+from hiddenlens.models.loading import LoadedModel, load_parts, share_weights_clone
+
+from . import context
+from .backends import make_backend
+from .capture import ActivationCache, capture
+from .sites import all_site_names
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -63,28 +74,31 @@ class GenerationOutput:
 
 
 class ModelHandle:
-    """A loaded model: ``.model`` (the torch module the backend runs), ``.hf_model`` (the transformers model
-    underneath), ``.tokenizer``, ``.adapter``, ``.backend`` (``hf`` | ``transformer_lens`` | ``nnsight``),
-    ``.device``, ``.dtype`` and ``.spec``."""
+    """A loaded model: ``.hf_model`` (the transformers model underneath), ``.backend`` (the backend object that
+    runs it: ``.backend.name`` is ``hf`` | ``transformer_lens`` | ``nnsight``), ``.model`` (the torch module the
+    backend runs), ``.tokenizer``, ``.adapter``, ``.device``, ``.dtype`` and ``.spec``."""
 
     def __init__(self, hf_model, tokenizer, adapter: ArchitectureAdapter, spec: str, backend: str = "hf",
-                 wrapped: Any = None, info: dict | None = None):
+                 info: dict | None = None):
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.adapter = adapter
         self.spec = spec
-        self.backend = backend
-        self._wrapped = wrapped
         self.info = dict(info or {})
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
+        self.backend = make_backend(backend, self)
+
+    @classmethod
+    def from_parts(cls, parts: LoadedModel, backend: str = "hf") -> "ModelHandle":
+        return cls(parts.hf_model, parts.tokenizer, parts.adapter, parts.spec, backend, parts.info)
 
     # ---- basic properties ----------------------------------------------------------------------------
     @property
     def model(self):
-        """The torch module this backend runs (HF model, TransformerBridge, or nnsight LanguageModel)."""
-        return self._wrapped if self._wrapped is not None else self.hf_model
+        """The torch module this backend runs (HF model, TransformerBridge, or nnsight model)."""
+        return self.backend.model
 
     @property
     def device(self) -> torch.device:
@@ -99,17 +113,15 @@ class ModelHandle:
         return self.adapter.n_layers
 
     def site_names(self) -> list[str]:
-        """Every capturable site of this model (architectures without resid_mid omit it)."""
-        from hiddenlens.probes.sites import all_site_names
-
+        """Every capturable (and editable) site of this model (architectures without resid_mid omit it)."""
         return [s for s in all_site_names(self.n_layers)
                 if not any(s.endswith("." + k) for k in self.adapter.unavailable)]
 
     def __repr__(self) -> str:
         a = self.adapter
-        return (f"ModelHandle({self.spec!r}, backend={self.backend!r}, family={a.family!r}, layers={a.n_layers}, "
-                f"d_model={a.d_model}, heads={a.n_heads}/{a.n_kv_heads} kv, device={self.device}, dtype={self.dtype})")
-
+        return (f"ModelHandle({self.spec!r}, backend={self.backend.name!r}, family={a.family!r}, "
+                f"layers={a.n_layers}, d_model={a.d_model}, heads={a.n_heads}/{a.n_kv_heads} kv, "
+                f"device={self.device}, dtype={self.dtype})")
     # ---- tokenization --------------------------------------------------------------------------------
     def tokenize(self, prompts: Prompts, add_bos: bool | None = None) -> Batch:
         """Strings or token-id lists -> a left-padded :class:`Batch` on the model's device."""
@@ -157,51 +169,70 @@ class ModelHandle:
             yield rows, Batch(whole.input_ids[rows][:, -keep:], mask[:, -keep:])
 
     # ---- running -------------------------------------------------------------------------------------
+    def _stop_layer(self, blocks) -> int | None:
+        """The last block any open read or edit needs, or None when one needs the final norm / logits."""
+        layers = []
+        for b in blocks:
+            for site in b.sites:
+                if site.layer is None and site.kind != "embed":
+                    return None
+                layers.append(site.layer or 0)
+        return max(layers) if layers else None
+
     def run(self, prompts: Prompts, batch_size: int | None = None, add_bos: bool | None = None,
             logits: bool = True, sort_by_length: bool = False, progress: bool = False, **kwargs) -> RunOutput:
         """Forward pass over prompts. Returns logits ``[n, pos, vocab]`` in prompt order (left-padded).
 
-        ``logits=False`` skips the LM head (faster when only activations are needed). ``sort_by_length``
-        batches prompts of similar length together (less padding); captured tensors still come back in prompt
-        order. Extra keyword arguments go to the model's forward.
+        ``logits=False`` skips the LM head and stops after the last block that an open capture or edit needs
+        (nothing past it runs). ``sort_by_length`` batches prompts of similar length together (less padding);
+        captured tensors still come back in prompt order. Extra keyword arguments go to the backend's forward.
+        Runs without autograd unless an open block asked for ``grad=True``.
         """
-        from hiddenlens.probes.active import active_capture
-
+        blocks = context.open_blocks(self)
+        stop = None if logits else self._stop_layer(blocks)
+        grad = torch.is_grad_enabled() and any(b.grad for b in blocks)
         outs, masks, ids, order = [], [], [], []
         batches = list(self._batches(prompts, batch_size, add_bos, sort_by_length))
         if progress:
-            from tqdm.auto import tqdm
             batches = tqdm(batches, desc="forward", unit="batch")
-        for rows, batch in batches:
-            cap = active_capture(self)
-            if cap is not None:
-                cap.set_rows(rows)
-            out = self._forward(batch, logits=logits, **kwargs)
-            outs.append(out)
-            masks.append(batch.attention_mask)
-            ids.append(batch.input_ids)
-            order += rows
+        with torch.enable_grad() if grad else torch.no_grad():
+            for rows, batch in batches:
+                for b in blocks:
+                    b.set_rows(rows)
+                outs.append(self.backend.forward(batch, logits=logits, stop_after=stop, **kwargs))
+                masks.append(batch.attention_mask)
+                ids.append(batch.input_ids)
+                order += rows
         return _assemble_run(outs, ids, masks, order, self.tokenizer.pad_token_id)
 
-    def _forward(self, batch: Batch, logits: bool = True, **kwargs):
-        from .backends import backend_forward
+    def run_with_cache(self, prompts: Prompts, sites, **capture_kwargs) -> tuple[torch.Tensor, ActivationCache]:
+        """TransformerLens-style one-liner: ``logits, cache = handle.run_with_cache(prompts, sites)``.
 
-        return backend_forward(self, batch, logits=logits, **kwargs)
+        ``capture_kwargs`` go to :func:`hiddenlens.capture` (positions, reduce, to, dtype...); ``batch_size`` and
+        ``add_bos`` go to :meth:`run`."""
+        run_kw = {k: capture_kwargs.pop(k) for k in ("batch_size", "add_bos", "sort_by_length", "progress")
+                  if k in capture_kwargs}
+        with capture(self, sites, **capture_kwargs) as cache:
+            out = self.run(prompts, **run_kw)
+        return out.logits, cache
 
     def generate(self, prompts: Prompts, max_new_tokens: int = 32, do_sample: bool = False,
                  add_bos: bool | None = None, batch_size: int | None = None, output_scores: bool = False,
                  streamer=None, **kwargs) -> GenerationOutput:
         """Generate with the KV cache (greedy by default). Prompts are left-padded; returns all sequences."""
-        from hiddenlens.probes.active import active_capture
-        from .backends import backend_generate
-
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least one token")
         results = []
         for rows, batch in self._batches(prompts, batch_size, add_bos, sort_by_length=False):
-            cap = active_capture(self)
-            if cap is not None:
-                cap.set_rows(rows)
-            results.append(backend_generate(self, batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                            output_scores=output_scores, streamer=streamer, **kwargs))
+            for b in context.open_blocks(self):
+                b.set_rows(rows)
+            seqs, scores = self.backend.generate(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                 output_scores=output_scores, streamer=streamer, **kwargs)
+            plen = batch.input_ids.shape[1]
+            new = seqs[:, plen:]
+            mask = torch.cat([batch.attention_mask, torch.ones_like(new)], 1)
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            results.append(GenerationOutput(seqs, plen, texts, mask, scores))
         if len(results) == 1:
             return results[0]
         pad = self.tokenizer.pad_token_id
@@ -213,11 +244,6 @@ class ModelHandle:
         plen = width - max_new_tokens
         return GenerationOutput(seqs, plen, [t for r in results for t in r.texts], masks)
 
-    def _attach(self, capture):
-        from .backends import attach
-
-        return attach(self, capture)
-
     def with_attention(self, implementation: str) -> "ModelHandle":
         """A new ``hf`` handle over the SAME weight tensors (no copy, no reload) whose model runs
         ``implementation`` attention (e.g. ``"eager"`` for parity with HF's ``output_attentions``)."""
@@ -226,27 +252,21 @@ class ModelHandle:
         return ModelHandle(clone, self.tokenizer, self.adapter, self.spec, backend="hf",
                            info=dict(self.info, attn_implementation=implementation))
 
+    def with_backend(self, backend: str) -> "ModelHandle":
+        """A new handle over the SAME ``hf_model`` (no copy) run by another backend (``hf`` | ``transformer_lens``
+        | ``nnsight``)."""
+        return ModelHandle(self.hf_model, self.tokenizer, self.adapter, self.spec, backend, self.info)
+
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         return self.tokenizer.decode(ids if not isinstance(ids, torch.Tensor) else ids.tolist(),
                                      skip_special_tokens=True)
 
     def unload(self) -> None:
         """Drop the weights (and free accelerator memory)."""
-        import gc
-
-        self.hf_model = self._wrapped = None
+        self.hf_model = self.backend = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def share_weights_clone(model: torch.nn.Module) -> torch.nn.Module:
-    """New module objects (and a new config) sharing every parameter and buffer tensor of ``model``."""
-    import copy
-    import itertools
-
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, shared)
 
 
 def _assemble_run(outs, ids, masks, order, pad_id) -> RunOutput:
@@ -264,3 +284,11 @@ def _assemble_run(outs, ids, masks, order, pad_id) -> RunOutput:
         logits = torch.cat([torch.nn.functional.pad(o, (0, 0, width - o.shape[1], 0)) for o in outs])
         logits = logits[inv.to(logits.device)]
     return RunOutput(logits, input_ids, mask)
+
+
+def load_model(spec: str | None = None, backend: str = "hf", **kwargs) -> ModelHandle:
+    """Load a model (see :func:`hiddenlens.models.loading.load_parts` for ``spec`` and the keyword arguments:
+    device, dtype, attn_implementation, device_map, adapter_overrides, revision, seed) and return a
+    :class:`ModelHandle` run by ``backend`` (``hf`` | ``transformer_lens`` | ``nnsight``)."""
+    parts = load_parts(spec, **kwargs) if spec is not None else load_parts(**kwargs)
+    return ModelHandle.from_parts(parts, backend)

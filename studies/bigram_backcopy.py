@@ -1,22 +1,32 @@
-"""``hiddenlens bb reproduce``: the Bigram-Backcopy reproduction (Guo et al., arXiv 2410.13835) in one report.
+"""The Bigram-Backcopy reproduction study (``hiddenlens bb reproduce``; Guo et al., arXiv 2410.13835) in one report.
 
 Variants (the issue's small configuration: width 64, sequence 32, batch 64, k = 3 triggers, AdamW lr 1e-3
 wd 1e-4): softmax vs ReLU attention, AdamW vs SGD (momentum 0.9), 1 vs 3 layers, over a few seeds. Each run
-records :func:`hiddenlens.models.bigram_backcopy.bb_metrics` every ``eval_every`` steps, so every metric is a
+records :func:`hiddenlens.analyses.bb_metrics.bb_metrics` every ``eval_every`` steps, so every metric is a
 curve over training. The SGD learning rate is not given anywhere we could read (methods.md 2.3): 0.1 is our
 choice (INFERRED), large enough to reach the bigram optimum in 1,000 steps.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
-from hiddenlens.models import bigram_backcopy as bb
+from hiddenlens.analyses.bb_metrics import sink_evaluator
+from hiddenlens.analyses.sinks_figures import bb_curves_figure
+from hiddenlens.common.stats import markdown_table
+from hiddenlens.models.bb_model import BBConfig
+from hiddenlens.models.bb_task import BBGenerator
+from hiddenlens.models.bb_training import train
 
-from .report import ReportFolder, markdown_table
-from .sinks_figures import bb_curves_figure
+from .report import StudyResult
 
+STUDY = "bigram_backcopy"
 METRICS = ("bos_attn_nontrigger", "bos_attn_trigger", "copy_attn_trigger", "bos_share", "value_norm_ratio",
            "resid_ratio_mean")
 CLAIMS = [
@@ -49,33 +59,52 @@ def _range(values) -> str:
 
 def _run_one(job: tuple[str, dict, int, int, int]) -> tuple[pd.DataFrame, float]:
     """One training run (a worker process): ``(history with variant/seed columns, training seconds)``."""
-    import torch
-
     name, over, seed, steps, eval_every = job
     torch.set_num_threads(1)
-    res = bb.train(bb.BBConfig(seed=seed, steps=steps, **over), eval_every=eval_every)
+    res = train(BBConfig(seed=seed, steps=steps, **over), eval_every=eval_every, evaluate=sink_evaluator())
     return res.history.assign(variant=name, seed=seed), res.seconds
 
 
-def reproduce(out: str | Path, seeds=(0, 1), steps: int = 1000, eval_every: int = 100, sgd_lr: float = 0.1,
-              workers: int = 2, progress: bool = True) -> dict:
-    """Train every variant over ``seeds`` in ``workers`` processes (one thread each); write ``history`` (one row
-    per evaluation), ``final`` (last step per run, metrics of each run's sink layer), ``curves.png`` (1-layer
-    variants, layer 0), ``resid_peak.png`` (3-layer residual ratios per layer), ``summary.json`` and
-    ``report.md``. Returns the summary."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+@dataclass
+class BBReproductionConfig:
+    """``seeds`` per variant, ``steps`` of training with an evaluation every ``eval_every`` steps, the SGD learning
+    rate ``sgd_lr`` (momentum 0.9; INFERRED), ``workers`` training processes (one thread each)."""
 
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    steps: int = 1000
+    eval_every: int = 100
+    sgd_lr: float = 0.1
+    workers: int = 2
+
+
+@dataclass
+class Result(StudyResult):
+    """Tables ``history`` (one row per run and evaluation) and ``final`` (last step per run, metrics of each run's
+    sink layer); ``summary["variants"]`` the min-to-max ranges over seeds."""
+
+    STUDY: ClassVar[str] = STUDY
+    CONFIG: ClassVar[type] = BBReproductionConfig
+
+    def figures(self) -> dict:
+        h = self.tables["history"]
+        return {"curves": bb_curves_figure(h[h.variant.str.endswith("L1")], layer=0),
+                "resid_peak": _resid_peak_figure(h[h.variant.str.endswith("L3")])}
+
+    def report(self) -> str:
+        return _markdown(self.tables["final"], self.summary)
+
+
+def run(config: BBReproductionConfig, handle=None, progress: bool = True) -> Result:
+    """Train every variant over ``config.seeds`` in ``config.workers`` processes (one thread each). ``handle`` is
+    not used (the study trains its own models); it is accepted so every study runs the same way."""
+    seeds = list(config.seeds)
     if not seeds:
         raise ValueError("pass at least one seed")
-    rep = ReportFolder(out)
-    jobs = [(name, over, seed, steps, eval_every) for name, over in variants(sgd_lr).items() for seed in seeds]
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as pool:
-        done = pool.map(_run_one, jobs)
-        if progress:
-            from tqdm.auto import tqdm
-            done = tqdm(done, total=len(jobs), desc="BB runs", unit="run")
-        results = list(done)
+    jobs = [(name, over, seed, config.steps, config.eval_every) for name, over in variants(config.sgd_lr).items()
+            for seed in seeds]
+    with ProcessPoolExecutor(max_workers=max(1, config.workers), mp_context=mp.get_context("spawn")) as pool:
+        results = list(tqdm(pool.map(_run_one, jobs), total=len(jobs), desc="BB runs", unit="run",
+                            disable=not progress))
     histories, finals, seconds = [], [], {}
     for (name, over, seed, _, _), (h, secs) in zip(jobs, results):
         n_layers = over.get("n_layers", 1)
@@ -89,22 +118,19 @@ def reproduce(out: str | Path, seeds=(0, 1), steps: int = 1000, eval_every: int 
                       | {f"resid_ratio_mean_L{i}": last[f"L{i}_resid_ratio_mean"] for i in range(n_layers)})
     history = pd.concat(histories, ignore_index=True)
     final = pd.DataFrame(finals)
-    rep.table("history", history)
-    rep.table("final", final)
-    rep.figure("curves", bb_curves_figure(history[history.variant.str.endswith("L1")], layer=0))
-    rep.figure("resid_peak", _resid_peak_figure(history[history.variant.str.endswith("L3")]))
-    summary = {"task": bb.BBGenerator(k=3, seq_length=32).describe(), "seeds": list(seeds), "steps": steps,
-               "eval_every": eval_every, "sgd_lr": sgd_lr, "train_seconds": seconds, "variants": {}}
+    summary = {"task": BBGenerator(k=3, seq_length=32).describe(), "seeds": seeds, "steps": config.steps,
+               "eval_every": config.eval_every, "sgd_lr": config.sgd_lr, "train_seconds": seconds, "variants": {}}
     for name, g in final.groupby("variant", sort=False):
         summary["variants"][name] = {c: _range(g[c].tolist()) for c in
                                      ("trigger_loss", "nontrigger_excess") + METRICS}
         summary["variants"][name]["sink_layers"] = sorted(set(int(x) for x in g.sink_layer))
-    rep.summary(summary)
-    rep.markdown(_markdown(final, summary))
-    return summary
+    return Result(config, summary, {"history": history, "final": final})
 
 
 def _resid_peak_figure(h: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2))

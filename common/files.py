@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+import torch
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -42,9 +45,6 @@ def write_json(path: str | Path, obj) -> Path:
 
 
 def _jsonable(o):
-    import numpy as np
-    import torch
-
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

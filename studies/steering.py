@@ -1,4 +1,4 @@
-"""Steering evaluation (``hiddenlens.analyses.steer_eval``): does a truthful direction make answers more correct,
+"""The steering-evaluation study (``hiddenlens steer eval``): does a truthful direction make answers more correct,
 and what does it cost? With a random-direction control and ITI's published table beside ours.
 
 Benefit, on held-out question/answer pairs (entities never seen when the directions were fitted): each pair is
@@ -20,14 +20,26 @@ ours is two-way accuracy on capital questions.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from hiddenlens.analyses.truth import Direction
+from hiddenlens.analyses.truth import extract_last_token, fit_direction, head_sweep, iti_directions, top_k_heads
+from hiddenlens.analyses.truth_data import data_hash, make_statements
+from hiddenlens.common.stats import kl_divergence, log_probs, markdown_table
 from hiddenlens.interventions.steer import Steering
+from hiddenlens.models.tiny import offline_prose
+from hiddenlens.probes.direction import Direction
+from hiddenlens.probes.sites import parse_layers
+
+from .report import ModelSpec, StudyResult
+
+STUDY = "steering"
+
 
 #: ITI's replication file (validation/iti_replication_results.md; methods.md 6.1).
 ITI_TABLE = pd.DataFrame([
@@ -84,7 +96,7 @@ def answer_logprobs(handle, prompts, answers, directions=None, alpha: float = 0.
                                              position_ids=_position_ids(mask)).logits
             else:
                 logits = handle.hf_model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask)).logits
-        lp = torch.log_softmax(logits[:, P - 1:P + A - 1].double(), -1)
+        lp = log_probs(logits[:, P - 1:P + A - 1].double())
         got = lp.gather(-1, ids[:, P:P + A, None]).squeeze(-1) * mask[:, P:P + A]
         out[s:s + len(ps)] = got.sum(1).cpu()
     return out
@@ -92,8 +104,6 @@ def answer_logprobs(handle, prompts, answers, directions=None, alpha: float = 0.
 
 def prose_batch(handle, n_chunks: int = 8, chunk_tokens: int = 64) -> torch.Tensor:
     """``[n_chunks, chunk_tokens]`` token ids of neutral prose (``pydoc_data.topics``), fixed order."""
-    from hiddenlens.models.tiny import offline_prose
-
     ids = _encode(handle.tokenizer, [offline_prose(n_chunks * chunk_tokens * 8)])[0]
     if len(ids) < n_chunks * chunk_tokens:
         raise ValueError("not enough prose for the requested chunks")
@@ -108,14 +118,14 @@ def prose_logprobs(handle, ids: torch.Tensor, directions=None, alpha: float = 0.
                 logits = handle.hf_model(input_ids=ids).logits
         else:
             logits = handle.hf_model(input_ids=ids).logits
-    return torch.log_softmax(logits[:, :-1].double(), -1)
+    return log_probs(logits[:, :-1].double())
 
 
 def cost(plain_lp: torch.Tensor, steered_lp: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
     """``(ce, kl)``: cross-entropy of the steered model on ``ids`` and mean KL(plain || steered), nats/token."""
     target = ids[:, 1:, None]
     ce = -steered_lp.gather(-1, target).mean()
-    kl = (plain_lp.exp() * (plain_lp - steered_lp)).sum(-1).mean()
+    kl = kl_divergence(plain_lp, steered_lp, from_log_probs=True).mean()
     return float(ce), float(kl)
 
 
@@ -128,8 +138,6 @@ def evaluate_steering(handle, direction_sets: dict[str, list[Direction]], pairs:
     Returns one row per (set, alpha): ``set, kind, sites, alpha, accuracy, p_true, margin, ce, kl, edit_norm``
     (``edit_norm``: the L2 norm added at each edited token, summed over the set's sites in quadrature).
     """
-    from tqdm.auto import tqdm
-
     if pairs.empty:
         raise ValueError("no evaluation pairs")
     alphas = [float(a) for a in alphas]
@@ -186,9 +194,6 @@ def fit_eval_sets(handle, family: str, layers: list[int], k_heads: int, seed: in
     """Directions for :func:`evaluate_steering`: mass-mean at each of ``layers`` and ITI's top-K heads, fitted on
     train + val entities (split 0.5 / 0.15 / 0.35 so about 40 countries stay held out); returns
     ``(sets, held-out pairs, info)``."""
-    from .truth import extract_last_token, fit_direction, head_sweep, iti_directions, top_k_heads
-    from .truth_data import data_hash, make_statements
-
     df = make_statements([family], seed=seed, fractions=(0.5, 0.15, 0.35))
     all_layers = list(range(handle.adapter.n_layers)) if k_heads > 0 else layers
     acts = extract_last_token(handle, df.text.tolist(), all_layers, heads=k_heads > 0)
@@ -199,8 +204,8 @@ def fit_eval_sets(handle, family: str, layers: list[int], k_heads: int, seed: in
     sets = {}
     for layer in layers:
         u, sigma, det = fit_direction(acts["resid"][trva][:, all_layers.index(layer)], y[trva], "mass_mean")
-        sets[f"mass_mean@L{layer}"] = [Direction(torch.from_numpy(u).float(), sigma, layer, model=handle.spec,
-                                                 data_hash=dh, detector=det)]
+        sets[f"mass_mean@L{layer}"] = [Direction(torch.from_numpy(u).float(), sigma, f"blocks.{layer}.resid_post",
+                                                 model=handle.spec, data_hash=dh, detector=det)]
     if k_heads > 0:
         H = acts["heads"]
         table = head_sweep(H[tr], y[tr], H[va], y[va], H[te], y[te], all_layers, seed)
@@ -212,39 +217,72 @@ def fit_eval_sets(handle, family: str, layers: list[int], k_heads: int, seed: in
     return sets, pairs.reset_index(drop=True), info
 
 
-def write_eval_report(results: pd.DataFrame, folder, meta: dict) -> None:
-    """``results`` / ``comparison`` tables, ``steer_vs_alpha.png``, ``summary.json``, ``report.md``."""
-    import matplotlib
+# ---- the study -------------------------------------------------------------------------------------------------
+@dataclass
+class SteeringConfig(ModelSpec):
+    """``family`` to fit on and evaluate (held-out entities), ``layers`` whose mass-mean directions are evaluated
+    (block indices or a spec such as ``"8,12,16"``), the ``alphas`` grid, ``k_heads`` (ITI's top-K heads; 0: no ITI
+    set), ``n_prose`` prose chunks for the cost."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    family: str = "capitals"
+    layers: list[int] | str = "8,12,16"
+    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0])
+    k_heads: int = 16
+    seed: int = 0
+    n_prose: int = 8
 
-    from .report import ReportFolder, markdown_table
 
-    rf = ReportFolder(folder)
-    rf.table("results", results)
-    comp = comparison_table(results)
-    rf.table("comparison", comp)
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for name, g in results.groupby("set", sort=False):
-        style = dict(ls=":" if name.startswith("random[") else "-", marker=".")
-        for ax, col in zip(axes, ("accuracy", "margin", "ce", "kl")):
-            ax.plot(g.alpha, g[col], label=name, **style)
-    for ax, (col, unit) in zip(axes, (("accuracy", "share of pairs"), ("margin", "nats"),
-                                      ("ce", "nats/token, prose"), ("kl", "nats/token, prose"))):
-        ax.set(xlabel="alpha (edit = alpha * sigma)", ylabel=unit, title=col)
-        ax.set_xscale("symlog", linthresh=1)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"steering on held-out {meta.get('family', '')} questions ({meta.get('model', '')}); "
-                 "dotted = random direction, same norm")
-    rf.figure("steer_vs_alpha", fig)
-    rf.summary(meta | {"n_rows": len(results)})
-    md = [f"# Steering evaluation: {meta.get('model', '')}", "",
-          f"{meta.get('n_pairs', '?')} held-out `{meta.get('family', '')}` question pairs (entities unseen when "
-          "fitting); benefit steered in mode `generated`, cost on neutral prose steered at every position.", "",
-          "![steering vs alpha](steer_vs_alpha.png)", "",
-          "## ITI's table beside ours", "",
-          "ITI's row is quoted from its replication file (a different model and benchmark; its accuracy column "
-          "is TruthfulQA 'True'). Our steered row per set is the largest alpha whose KL stays within ITI's 0.65.",
-          "", markdown_table(comp), "", "## All results", "", markdown_table(results)]
-    rf.markdown("\n".join(md) + "\n")
+@dataclass
+class Result(StudyResult):
+    """Tables ``results`` (one row per direction set and alpha) and ``comparison`` (ITI's table beside ours)."""
+
+    STUDY: ClassVar[str] = STUDY
+    CONFIG: ClassVar[type] = SteeringConfig
+
+    def figures(self) -> dict:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        results, meta = self.tables["results"], self.summary
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+        for name, g in results.groupby("set", sort=False):
+            style = dict(ls=":" if name.startswith("random[") else "-", marker=".")
+            for ax, col in zip(axes, ("accuracy", "margin", "ce", "kl")):
+                ax.plot(g.alpha, g[col], label=name, **style)
+        for ax, (col, unit) in zip(axes, (("accuracy", "share of pairs"), ("margin", "nats"),
+                                          ("ce", "nats/token, prose"), ("kl", "nats/token, prose"))):
+            ax.set(xlabel="alpha (edit = alpha * sigma)", ylabel=unit, title=col)
+            ax.set_xscale("symlog", linthresh=1)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"steering on held-out {meta.get('family', '')} questions ({meta.get('model', '')}); "
+                     "dotted = random direction, same norm")
+        return {"steer_vs_alpha": fig}
+
+    def report(self) -> str:
+        meta, results = self.summary, self.tables["results"]
+        comp = self.tables.get("comparison")
+        comp = comparison_table(results) if comp is None else comp
+        md = [f"# Steering evaluation: {meta.get('model', '')}", "",
+              f"{meta.get('n_pairs', '?')} held-out `{meta.get('family', '')}` question pairs (entities unseen when "
+              "fitting); benefit steered in mode `generated`, cost on neutral prose steered at every position.", "",
+              "![steering vs alpha](steer_vs_alpha.png)", "",
+              "## ITI's table beside ours", "",
+              "ITI's row is quoted from its replication file (a different model and benchmark; its accuracy column "
+              "is TruthfulQA 'True'). Our steered row per set is the largest alpha whose KL stays within ITI's 0.65.",
+              "", markdown_table(comp), "", "## All results", "", markdown_table(results)]
+        return "\n".join(md) + "\n"
+
+
+def run(config: SteeringConfig, handle=None, progress: bool = True) -> Result:
+    """Fit the directions on train entities, then steer on held-out questions over the alpha grid."""
+    handle = handle if handle is not None else config.load()
+    layers = parse_layers(config.layers, handle.n_layers, what="layers")
+    alphas = [float(a) for a in config.alphas]
+    sets, pairs, info = fit_eval_sets(handle, config.family, layers, config.k_heads, config.seed)
+    results = evaluate_steering(handle, sets, pairs, alphas, seed=config.seed, n_prose=config.n_prose,
+                                progress=progress)
+    summary = info | {"model": handle.spec, "family": config.family, "n_pairs": len(pairs), "alphas": alphas,
+                      "layers": layers, "n_rows": len(results)}
+    return Result(config, summary, {"results": results, "comparison": comparison_table(results)})

@@ -1,0 +1,97 @@
+"""``hiddenlens steer "PROMPT" ...`` (= ``hiddenlens steer run "PROMPT" ...``) and ``hiddenlens steer eval``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer.core import TyperGroup
+
+from . import options as o
+from .options import DEFAULT_MODEL, Backend, Device, Dtype, Model, Name, OptionalOut
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A group whose first argument, when it is not a command name or an option, goes to the ``run`` command, so
+    ``hiddenlens steer "prompt" --direction F`` means ``hiddenlens steer run "prompt" --direction F``. ``run`` and
+    ``eval`` are both listed in ``hiddenlens steer --help``."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True,
+                  help='Steer generation with a direction: `hiddenlens steer "PROMPT" --direction FILE` (the `run` '
+                       "command, the default) or evaluate steering with `hiddenlens steer eval`.")
+
+
+@app.command("run")
+def run(prompt: str = typer.Argument(..., help="the prompt to continue"),
+        direction: Path = typer.Option(..., "--direction", help="a direction file (.json/.safetensors)"),
+        alpha: float = typer.Option(4.0, help="edit = alpha * sigma * unit direction"),
+        mode: str = typer.Option("generated", help="all | prompt | generated | conditional"),
+        max_new_tokens: int = typer.Option(48), threshold: float = typer.Option(0.5, help="conditional: flag a "
+                                                                                          "token when p_true < this"),
+        detector: Optional[Path] = typer.Option(None, help="conditional: detector direction (default: the first)"),
+        model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
+        chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template"),
+        compare: bool = typer.Option(True, help="also print the unsteered continuation")):
+    """Generate with steering, streaming tokens as they come (the default command: `hiddenlens steer "PROMPT"`)."""
+    from hiddenlens.probes.direction import load_directions
+    from hiddenlens.interventions.steer import steer_generate
+
+    dirs = load_directions(direction)
+    det = load_directions(detector)[0] if detector else None
+    handle = o.load(model, backend, device, dtype)
+    if chat:
+        prompt = handle.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+    if compare:
+        typer.secho("plain:   ", fg="blue", nl=False)
+        typer.echo(handle.generate([prompt], max_new_tokens=max_new_tokens).texts[0])
+    typer.secho(f"steered ({mode}, alpha {alpha}, {', '.join(d.name for d in dirs)}): ", fg="green", nl=False)
+
+    def on_event(kind, info):
+        if kind == "token":
+            typer.echo(info["text"], nl=False)
+        else:
+            typer.secho(f" [rollback at position {info['position']}, p_true {info['p_true']:.2f}; steering on] ",
+                        fg="yellow", nl=False)
+
+    streamer = None
+    if mode != "conditional" and backend == "hf":
+        from transformers import TextStreamer
+        streamer = TextStreamer(handle.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = steer_generate(handle, [prompt], dirs, alpha, mode, max_new_tokens=max_new_tokens, detector=det,
+                         threshold=threshold, streamer=streamer, on_event=on_event)
+    if mode != "conditional" and streamer is None:
+        typer.echo(out.texts[0], nl=False)
+    edited = out.added_norm[0] > 0
+    typer.echo("")
+    typer.secho(f"edited {int(edited.sum())} token positions, mean added norm "
+                f"{float(out.added_norm[0][edited].mean()) if edited.any() else 0.0:.3f}", fg="cyan")
+
+
+@app.command("eval")
+def eval_(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
+          family: str = typer.Option("capitals", help="family to fit on and evaluate (held-out entities)"),
+          layers: str = typer.Option("8,12,16", help="blocks whose mass-mean directions are evaluated: "
+                                     + o.LAYERS_HELP),
+          alphas: str = typer.Option("0,1,2,4,8,16", help="alpha grid"),
+          k_heads: int = typer.Option(16, help="ITI heads (0: no ITI set)"),
+          seed: int = typer.Option(0), out: OptionalOut = None, name: Name = None):
+    """Fit directions on train entities, then steer on held-out questions over an alpha grid: accuracy, P(true),
+    margin; CE and KL on neutral prose; random-direction control; ITI's table beside ours."""
+    from hiddenlens.studies import steering as study
+
+    folder = o.out_folder(out, study.STUDY, name)
+    grid = o.csv_floats(alphas, "--alphas")
+    handle = o.load(model, backend, device, dtype)
+    config = study.SteeringConfig(model=model, backend=backend, device=device, dtype=dtype, family=family,
+                                  layers=o.layers(layers, handle.n_layers), alphas=grid, k_heads=k_heads, seed=seed)
+    study.run(config, handle).write(folder)
+    typer.echo(f"report in {folder}/report.md")

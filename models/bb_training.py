@@ -1,0 +1,120 @@
+"""Training Bigram-Backcopy models: AdamW or SGD with momentum, fresh samples every step, full next-token
+cross-entropy.
+
+Every ``eval_every`` steps (and at the last step) ``evaluate(model, tokenizer, generator) -> dict`` adds a
+row to the history. The default, :func:`loss_evaluator`, records the losses on trigger queries (backcopy targets)
+and non-trigger queries (bigram targets) beside the bigram optimum with a plain forward; the sink metrics per layer
+(attention to BOS, value drains, residual peaks) need captures and live above this layer:
+``hiddenlens.analyses.bb_metrics.sink_evaluator()``. Evaluation uses its own random stream, so it does not change
+training.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from .bb_model import BBConfig, build_model, save_checkpoint
+from .bb_task import BBGenerator, BBStatistics, build_tokenizer, task_losses
+
+#: evaluate(model, tokenizer, generator) -> one flat history row (without the step)
+Evaluator = Callable[[object, object, BBGenerator], dict]
+
+
+@dataclass
+class TrainResult:
+    """``model`` (trained, eval mode), ``tokenizer``, ``generator``, ``history`` (one row per evaluation: step and
+    the evaluator's metrics) and ``checkpoints`` (folders, by step)."""
+
+    model: object
+    tokenizer: object
+    generator: BBGenerator
+    history: pd.DataFrame
+    checkpoints: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def eval_batch(gen: BBGenerator, n_seqs: int = 256, seed: int = 12345) -> torch.Tensor:
+    """The fixed evaluation sequences ``[n_seqs, seq_length + 1]`` (their own random stream)."""
+    return gen.sample(n_seqs, torch.Generator().manual_seed(seed))
+
+
+def loss_evaluator(n_seqs: int = 256, seed: int = 12345) -> Evaluator:
+    """The default evaluator: :func:`hiddenlens.models.bb_task.task_losses` on ``n_seqs`` fresh sequences."""
+
+    @torch.no_grad()
+    def evaluate(model, tokenizer, gen: BBGenerator) -> dict:
+        x = eval_batch(gen, n_seqs, seed)
+        was_training = model.training
+        model.eval()
+        try:
+            inp = x[:, :-1].to(model.device)
+            logits = model(input_ids=inp, attention_mask=torch.ones_like(inp), use_cache=False).logits
+        finally:
+            model.train(was_training)
+        return task_losses(logits, x, gen)
+
+    return evaluate
+
+
+def _optimizer(cfg: BBConfig, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train(cfg: BBConfig, out_dir: str | Path | None = None, stats: BBStatistics | None = None,
+          eval_every: int = 0, evaluate: Evaluator | None = None, progress: bool = False) -> TrainResult:
+    """Train one BB model.
+
+    Args:
+        cfg: the run (see :class:`~hiddenlens.models.bb_model.BBConfig`).
+        out_dir: where checkpoints go (``step_000000`` ... every ``cfg.checkpoint_every`` steps, plus the last
+            step); None keeps the model in memory only.
+        stats: character statistics (default: ``pydoc_data.topics``).
+        eval_every: also evaluate every this many steps (0: only at the last step).
+        evaluate: the history row of an evaluation (default: :func:`loss_evaluator`).
+        progress: a tqdm bar over steps.
+    """
+    gen = BBGenerator(stats, k=cfg.k, seq_length=cfg.seq_length)
+    model = build_model(cfg, gen.vocab_size, gen.bos_id)
+    tok = build_tokenizer(gen.stats.chars)
+    evaluate = evaluate or loss_evaluator()
+    opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    history, ckpts = [], []
+    eval_steps = set(range(0, cfg.steps + 1, eval_every)) if eval_every else set()
+    ckpt_steps = set(range(0, cfg.steps + 1, cfg.checkpoint_every)) if cfg.checkpoint_every else set()
+    eval_steps.add(cfg.steps)
+    ckpt_steps.add(cfg.steps)
+
+    def checkpoint(step: int) -> None:
+        if step in eval_steps:
+            history.append({"step": step} | evaluate(model, tok, gen))
+        if out_dir is not None and step in ckpt_steps:
+            ckpts.append(save_checkpoint(model, gen, cfg, Path(out_dir) / f"step_{step:06d}", step))
+
+    start = time.perf_counter()
+    steps = range(1, cfg.steps + 1)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"BB {cfg.attention}/{cfg.optimizer} L{cfg.n_layers} seed {cfg.seed}", unit="step")
+    model.train()
+    checkpoint(0)
+    for step in steps:
+        x = gen.sample(cfg.batch_size, data_rng)
+        inp = x[:, :-1]
+        logits = model(input_ids=inp, attention_mask=torch.ones_like(inp), use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"BB training diverged at step {step} (loss {float(loss)}); lower lr={cfg.lr}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        checkpoint(step)
+    model.eval()
+    return TrainResult(model, tok, gen, pd.DataFrame(history), ckpts, time.perf_counter() - start)

@@ -1,0 +1,129 @@
+"""The latent-state dynamics study (``hiddenlens analyze dynamics``): per-layer logit / tuned-lens statistics,
+geometry, token dynamics and belief-state predictability over a prompt set, as one tidy table over checkpoints.
+
+The computations are :mod:`hiddenlens.analyses.dynamics` (and :mod:`hiddenlens.analyses.tuned_lens`,
+:mod:`hiddenlens.analyses.checkpoints`); this module runs them from a :class:`DynamicsConfig` and keeps the result
+(:class:`Result`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import pandas as pd
+
+from hiddenlens.analyses.checkpoints import checkpoint_label, parse_checkpoint, plot_over_checkpoints
+from hiddenlens.analyses.dynamics import (belief_state_predictability, dynamics_shares, dynamics_summary, logit_lens,
+                                          residual_trajectory, token_dynamics)
+from hiddenlens.analyses.tuned_lens import TunedLens
+from hiddenlens.common.stats import markdown_table
+from hiddenlens.models.tiny import offline_prose
+
+from .report import ModelSpec, StudyResult
+
+STUDY = "dynamics"
+
+
+def prompt_set(prompts_file: str | Path | None, n_prompts: int, chars: int, skip: int = 0) -> list[str]:
+    """Prompts from a file (.txt one per line, .jsonl with 'text'), at most ``n_prompts``, or ``n_prompts``
+    chunks of ``chars`` characters of the offline prose starting at character ``skip``."""
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist")
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts = [json.loads(ln)["text"] for ln in lines] if path.suffix == ".jsonl" else lines
+        if not texts:
+            raise ValueError(f"prompts file {path} holds no prompts")
+        return texts[:n_prompts]
+    text = offline_prose()
+    return [text[i:i + chars] for i in range(skip, skip + n_prompts * chars, chars)]
+
+
+@dataclass
+class DynamicsConfig(ModelSpec):
+    """``checkpoints`` run after ``model``; prompts from ``prompts_file`` or ``n_prompts`` chunks of ``chars``
+    characters of offline prose; an optional tuned ``lens`` (.safetensors); ``belief`` adds belief-state R^2;
+    ``example`` / ``target``: the prompt and token of the per-position lens table."""
+
+    checkpoints: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    n_prompts: int = 32
+    chars: int = 400
+    batch_size: int = 8
+    lens: str | None = None
+    belief: bool = True
+    example: str = "The capital of France is"
+    target: str = " Paris"
+
+
+@dataclass
+class Result(StudyResult):
+    """Tables ``dynamics`` (per checkpoint and layer), ``example_lens`` (the example's lens per position and layer)
+    and ``token_dynamics`` (share of tokens per dynamics class, per checkpoint)."""
+
+    STUDY: ClassVar[str] = STUDY
+    CONFIG: ClassVar[type] = DynamicsConfig
+
+    def figures(self) -> dict:
+        table, ex = self.tables["dynamics"], self.tables["example_lens"]
+        ys = [c for c in ("entropy", "kl_to_final", "next_token_ce", "norm", "cos_last", "belief_r2") if c in table]
+        out = {"dynamics": plot_over_checkpoints(table, "layer", ys, f"{self.summary.get('n_prompts', '?')} prompts")}
+        ranked = ex.dropna(subset=["target_rank"])  # with target "next" the last position has no target
+        last = ex[ex["position"] == (ranked if len(ranked) else ex)["position"].max()]
+        out["example_rank"] = plot_over_checkpoints(last, "layer", ["target_rank", "top1_prob"],
+                                                    f"{self.config.example!r} -> {self.config.target!r}")
+        return out
+
+    def report(self) -> str:
+        s = self.summary
+        return "\n".join([
+            "# Latent-state dynamics", "", f"Checkpoints: {', '.join(s.get('checkpoints', []))}; "
+            f"{s.get('n_prompts', '?')} prompts; lens: {s.get('lens', 'logit')}.", "",
+            markdown_table(self.tables["dynamics"].round(4)), "", "Token dynamics (share of tokens):", "",
+            markdown_table(self.tables["token_dynamics"]), "", "![dynamics](dynamics.png)", "",
+            "![example](example_rank.png)", ""])
+
+
+def run(config: DynamicsConfig, handle=None, progress: bool = True) -> Result:
+    """Run the dynamics analyses on ``config.model`` (or ``handle``) and each of ``config.checkpoints``."""
+    prompts = prompt_set(config.prompts_file, config.n_prompts, config.chars)
+    specs = [config.model] + [c for c in config.checkpoints if c]
+    examples, shares = [], []
+
+    def analysis(h) -> pd.DataFrame:
+        tl = TunedLens.load(config.lens, h) if config.lens else None
+        df = dynamics_summary(h, prompts, config.batch_size, lens=tl)
+        if config.belief:
+            bel = belief_state_predictability(h, prompts, batch_size=config.batch_size)
+            df = df.merge(bel.rename(columns={"r2": "belief_r2", "cosine": "belief_cosine"})
+                          [["layer", "belief_r2", "belief_cosine"]], on="layer", how="left")
+        traj = residual_trajectory(h, prompts[: config.batch_size], logits=False)
+        norms = traj.hidden.norm(dim=-1)[:, traj.attention_mask.bool()]
+        shares.append(dynamics_shares(token_dynamics(norms, traj.layers)) | {"model": h.spec})
+        examples.append(logit_lens(h, config.example, target=config.target, lens=tl).assign(model=h.spec))
+        return df
+
+    labels = [checkpoint_label(sp) for sp in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"checkpoint labels must be unique, got {labels}")
+    frames = []
+    for i, (spec, label) in enumerate(zip(specs, labels)):
+        own = not (i == 0 and handle is not None)
+        name, rev = parse_checkpoint(spec)
+        h = config.load(name, revision=rev) if own else handle
+        try:
+            frames.append(analysis(h).assign(checkpoint=label))
+        finally:
+            if own:
+                h.unload()
+    table = pd.concat(frames, ignore_index=True)
+    table = table[["checkpoint"] + [c for c in table.columns if c != "checkpoint"]]
+    ex = pd.concat([e.assign(checkpoint=lab) for e, lab in zip(examples, labels)], ignore_index=True)
+    share_df = pd.DataFrame(shares).assign(checkpoint=labels)
+    summary = {"checkpoints": specs, "n_prompts": len(prompts), "lens": str(config.lens) if config.lens else "logit",
+               "token_dynamics": share_df.to_dict(orient="records")}
+    return Result(config, summary, {"dynamics": table, "example_lens": ex, "token_dynamics": share_df})
+
