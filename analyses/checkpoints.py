@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from hiddenlens.probes.handle import load_model
+from hiddenlens.probes.sites import block_of
 
 
 def parse_checkpoint(spec: str) -> tuple[str, str | None]:
@@ -73,8 +74,9 @@ def over_checkpoints(specs: Sequence[str], analysis: Callable, load: Callable | 
 def plot_over_checkpoints(df: pd.DataFrame, x: str, ys: Sequence[str], title: str = "", hue: str = "checkpoint"):
     """One panel per column in ``ys``, one line per value of ``hue`` (default: per checkpoint) against ``x``.
 
-    For per-layer tables use ``x="layer"``; for one row per checkpoint use ``x="checkpoint"`` and another ``hue``
-    (e.g. ``"regime"``). Returns a matplotlib figure."""
+    For per-depth tables use ``x="site"`` (drawn in the table's order, labelled ``embed`` / block index); for one
+    row per checkpoint use ``x="checkpoint"`` and another ``hue`` (e.g. ``"regime"``). Returns a matplotlib
+    figure."""
     import matplotlib  # heavy optional dependency: imported on use
 
     matplotlib.use("Agg")
@@ -86,8 +88,11 @@ def plot_over_checkpoints(df: pd.DataFrame, x: str, ys: Sequence[str], title: st
     fig, axes = plt.subplots(1, len(ys), figsize=(4 * len(ys), 3.2), squeeze=False)
     for ax, y in zip(axes[0], ys):
         for label, part in df.groupby(hue, sort=False):
-            ax.plot(part[x], part[y], marker=".", label=str(label))
-        ax.set_xlabel(x)
+            xs = part[x] if x != "site" else [s if block_of(s) is None else str(block_of(s)) for s in part[x]]
+            ax.plot(xs, part[y], marker=".", label=str(label))
+        ax.set_xlabel("block (site)" if x == "site" else x)
+        if x == "site":
+            ax.tick_params(axis="x", labelsize=6, rotation=90)
         ax.set_title(y)
     axes[0][0].legend(fontsize=7)
     if title:

@@ -1,8 +1,9 @@
-"""Latent-state dynamics over depth (methods.md section 7): logit / tuned lens, trajectory statistics, geometry,
+"""Latent-state dynamics over depth (the logit lens and "Eliciting Latent Predictions from Transformers with the Tuned Lens" (arXiv 2303.08112)): logit / tuned lens, trajectory statistics, geometry,
 token convergence / divergence and belief-state predictability.
 
-Depth axis: ``layer = -1`` is the embedding output (``embed``), ``layer = i`` is ``blocks.{i}.resid_post`` (the
-last one pre final norm). The lens reads every one of them through the model's *own* final norm and
+Depth axis: the residual stream in forward order, addressed by site name (the one convention of hiddenlens):
+``embed`` (the embedding output), then ``blocks.{l}.resid_post`` (the last one pre final norm). Tables carry the
+``site`` and its block index ``layer`` (empty for ``embed``, which is no layer). The lens reads every one of them through the model's *own* final norm and
 unembedding (native modules, no weight folding), so at the last layer it reproduces the model's logits exactly.
 
 Entry points (pure functions; the dashboard calls these):
@@ -16,7 +17,7 @@ Entry points (pure functions; the dashboard calls these):
   (memory flat in the number of prompts).
 * :func:`token_dynamics` -- per-token log-norm slope over depth, convergent vs divergent, and the shares.
 * :func:`belief_state_r2` / :func:`belief_state_predictability` -- held-out R^2 of predicting ``h_{t+1}`` from
-  ``[h_t; e(x_{t+1})]`` per layer (INFERRED metric after NextLat, methods.md 7.5).
+  ``[h_t; e(x_{t+1})]`` per layer (INFERRED metric after NextLat, "Next-Latent Prediction Transformers Learn Compact World Models" (arXiv 2511.05963)).
 
 Units: entropy, KL and JS in nats; norms in the residual stream's own units.
 """
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from hiddenlens.common.stats import entropy, js_divergence, kl_divergence, log_probs
 from hiddenlens.probes.capture import capture
+from hiddenlens.probes.sites import block_of, parse_layers, residual_sites
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -47,31 +49,31 @@ from hiddenlens.probes.capture import capture
 class Trajectory:
     """Residual stream of a batch of prompts over depth.
 
-    ``hidden`` ``[depth, batch, pos, d_model]`` (float32, CPU, left-padded), ``layers`` the depth labels
-    (-1 = embed, i = ``blocks.i.resid_post``), ``input_ids`` / ``attention_mask`` ``[batch, pos]``,
+    ``hidden`` ``[depth, batch, pos, d_model]`` (float32, CPU, left-padded), ``sites`` the depth labels
+    (``embed``, ``blocks.{l}.resid_post``), ``input_ids`` / ``attention_mask`` ``[batch, pos]``,
     ``logits`` the model's own output ``[batch, pos, vocab]`` (None when not requested).
     """
 
     hidden: torch.Tensor
-    layers: list[int]
+    sites: list[str]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     logits: torch.Tensor | None
 
 
-def _sites(n_layers: int, include_embed: bool) -> tuple[list[str], list[int]]:
-    layers = ([-1] if include_embed else []) + list(range(n_layers))
-    return [("embed" if i < 0 else f"blocks.{i}.resid_post") for i in layers], layers
+def _layer_column(sites: Sequence[str]) -> np.ndarray:
+    """Block index of each site, NaN for ``embed`` (a float column)."""
+    return np.array([np.nan if block_of(s) is None else block_of(s) for s in sites], dtype=float)
 
 
 def residual_trajectory(handle, prompts, include_embed: bool = True, add_bos: bool | None = None,
                         logits: bool = True, batch_size: int | None = None) -> Trajectory:
     """Run ``prompts`` once and capture ``embed`` and every ``resid_post`` at all positions."""
-    sites, layers = _sites(handle.n_layers, include_embed)
+    sites = residual_sites(handle.n_layers, include_embed)
     with capture(handle, sites, to="cpu") as cache:
         out = handle.run(prompts, add_bos=add_bos, logits=logits, batch_size=batch_size)
     hidden = torch.stack([cache[s].float() for s in sites])
-    return Trajectory(hidden, layers, out.input_ids.cpu(), out.attention_mask.cpu(),
+    return Trajectory(hidden, sites, out.input_ids.cpu(), out.attention_mask.cpu(),
                       None if out.logits is None else out.logits.float().cpu())
 
 
@@ -79,8 +81,8 @@ def _unembed(handle, normed: torch.Tensor) -> torch.Tensor:
     return handle.adapter.unembedding(handle.hf_model)(normed)
 
 
-def lens_readout(handle, hidden: torch.Tensor, layer: int, lens=None) -> torch.Tensor:
-    """Logits ``[..., vocab]`` of residual states ``hidden [..., d_model]`` at depth ``layer``.
+def lens_readout(handle, hidden: torch.Tensor, site: str, lens=None) -> torch.Tensor:
+    """Logits ``[..., vocab]`` of residual states ``hidden [..., d_model]`` at ``site``.
 
     Logit lens: ``W_U FinalNorm(h)``. With a :class:`~hiddenlens.analyses.tuned_lens.TunedLens`:
     ``W_U FinalNorm(h + A_l h + b_l)``. Runs the model's own modules on the model's device and dtype.
@@ -89,7 +91,7 @@ def lens_readout(handle, hidden: torch.Tensor, layer: int, lens=None) -> torch.T
     h = hidden.to(device=handle.device, dtype=handle.dtype)
     with torch.inference_mode():
         if lens is not None:
-            h = lens.translate(h, layer)
+            h = lens.translate(h, site)
         return _unembed(handle, handle.adapter.final_norm(m)(h)).float().cpu()
 
 
@@ -99,8 +101,8 @@ def lens_logits(handle, prompt: str | Sequence[int], lens=None, include_embed: b
     if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], int):
         raise ValueError("lens_logits takes one prompt (a string or one list of token ids)")
     traj = residual_trajectory(handle, [prompt], include_embed, add_bos)
-    logits = torch.stack([lens_readout(handle, traj.hidden[j, 0], layer, lens)
-                          for j, layer in enumerate(traj.layers)])
+    logits = torch.stack([lens_readout(handle, traj.hidden[j, 0], site, lens)
+                          for j, site in enumerate(traj.sites)])
     return logits, traj
 
 
@@ -157,7 +159,7 @@ def logit_lens(handle, prompt: str | Sequence[int], target=None, lens=None, incl
             gives ``target_rank`` (1 = top) and ``target_prob``.
         lens: a trained :class:`~hiddenlens.analyses.tuned_lens.TunedLens` (None = logit lens).
 
-    Returns a DataFrame with ``layer`` (-1 = embed), ``position``, ``token``, ``entropy``, ``kl_to_final``,
+    Returns a DataFrame with ``site``, ``layer`` (block index; NaN for ``embed``), ``position``, ``token``, ``entropy``, ``kl_to_final``,
     ``js_to_final`` (nats), ``top1_id``, ``top1_token``, ``top1_prob``, ``final_top1_rank``, ``target_rank``,
     ``target_prob``, ``norm``, ``growth``, ``cos_next``, ``cos_last``.
     """
@@ -171,7 +173,8 @@ def logit_lens(handle, prompt: str | Sequence[int], target=None, lens=None, incl
     tgt = _target_ids(handle, target, ids)
     depth, pos = logits.shape[:2]
     frame = {
-        "layer": np.repeat(traj.layers, pos), "position": np.tile(np.arange(pos), depth),
+        "site": np.repeat(traj.sites, pos), "layer": np.repeat(_layer_column(traj.sites), pos),
+        "position": np.tile(np.arange(pos), depth),
         "token": [handle.tokenizer.decode([int(t)]) for t in ids] * depth,
         "entropy": entropy(logp, from_log_probs=True).flatten().numpy(),
         "kl_to_final": kl_divergence(final.expand_as(logp), logp, from_log_probs=True).flatten().numpy(),
@@ -203,7 +206,7 @@ def dynamics_summary(handle, prompts: Sequence[str], batch_size: int = 8, lens=N
                      add_bos: bool | None = None, progress: bool = True) -> pd.DataFrame:
     """Per-layer means over every real token of ``prompts`` (one row per layer), streamed batch by batch.
 
-    Columns: ``layer``, ``n_tokens`` and the means of :data:`SUMMARY_STATS`: entropy, KL and JS to the final
+    Columns: ``site``, ``layer`` (block index; NaN for ``embed``), ``n_tokens`` and the means of :data:`SUMMARY_STATS`: entropy, KL and JS to the final
     distribution (nats), ``next_token_ce`` (cross-entropy of the actual next token, nats) and
     ``next_token_top1`` (share where the lens's top-1 is the next token), ``final_top1_agree`` (share where it is
     the model's own top-1), and the geometry (norm, growth, cos_next, cos_last). Only running sums are kept.
@@ -213,19 +216,19 @@ def dynamics_summary(handle, prompts: Sequence[str], batch_size: int = 8, lens=N
     prompts = list(prompts)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
-    layers: list[int] = []
+    sites: list[str] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="dynamics", unit="batch", disable=not progress):
         traj = residual_trajectory(handle, prompts[start:start + batch_size], include_embed, add_bos)
-        layers = traj.layers
+        sites = traj.sites
         mask = traj.attention_mask.bool()
         nxt = torch.cat([traj.input_ids[:, 1:], torch.zeros_like(traj.input_ids[:, :1])], 1)
         has_next = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1) & mask
         final = log_probs(traj.logits)
         final_top = final.argmax(-1)
         geo = geometry(traj.hidden)
-        for j, layer in enumerate(layers):
-            logits = lens_readout(handle, traj.hidden[j], layer, lens)
+        for j, site in enumerate(sites):
+            logits = lens_readout(handle, traj.hidden[j], site, lens)
             logp = log_probs(logits)
             ce = -logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
             stats = {"entropy": (entropy(logp, from_log_probs=True), mask),
@@ -236,9 +239,9 @@ def dynamics_summary(handle, prompts: Sequence[str], batch_size: int = 8, lens=N
                      "final_top1_agree": ((logp.argmax(-1) == final_top).float(), mask)}
             stats |= {k: (v[j], mask & torch.isfinite(v[j])) for k, v in geo.items()}
             for k, (v, m) in stats.items():
-                sums.setdefault(k, np.zeros(len(layers)))[j] += float(v[m].double().sum())
-                counts.setdefault(k, np.zeros(len(layers)))[j] += int(m.sum())
-    table = {"layer": layers, "n_tokens": counts["entropy"].astype(int)}
+                sums.setdefault(k, np.zeros(len(sites)))[j] += float(v[m].double().sum())
+                counts.setdefault(k, np.zeros(len(sites)))[j] += int(m.sum())
+    table = {"site": sites, "layer": _layer_column(sites), "n_tokens": counts["entropy"].astype(int)}
     for k in SUMMARY_STATS:
         with np.errstate(invalid="ignore", divide="ignore"):
             table[k] = np.where(counts[k] > 0, sums[k] / np.maximum(counts[k], 1), np.nan)
@@ -248,8 +251,8 @@ def dynamics_summary(handle, prompts: Sequence[str], batch_size: int = 8, lens=N
 # ---------------------------------------------------------------------------------------------------------------
 # Token dynamics (convergent vs divergent norm trajectories)
 # ---------------------------------------------------------------------------------------------------------------
-def token_dynamics(norms, layers: Sequence[int] | None = None, tolerance: float = 0.0) -> pd.DataFrame:
-    """Classify each token's norm trajectory over depth (INFERRED measure after Vo et al., methods.md 7.4).
+def token_dynamics(norms, tolerance: float = 0.0) -> pd.DataFrame:
+    """Classify each token's norm trajectory over depth (INFERRED measure after Vo et al., "Demystifying the Token Dynamics of Deep Selective State Space Models" (arXiv 2410.03292)).
 
     Args:
         norms: ``[depth, n_tokens]`` residual norms (e.g. ``geometry(hidden)["norm"]`` flattened over tokens),
@@ -267,8 +270,7 @@ def token_dynamics(norms, layers: Sequence[int] | None = None, tolerance: float 
         raise ValueError(f"norms must be [depth >= 2, n_tokens] (or hidden [depth, n_tokens, d]), got {tuple(x.shape)}")
     if (x <= 0).any() or not torch.isfinite(x).all():
         raise ValueError("norms must be finite and positive (drop padding positions first)")
-    depth = torch.arange(x.shape[0], dtype=torch.float64) if layers is None else \
-        torch.as_tensor(list(layers), dtype=torch.float64)
+    depth = torch.arange(x.shape[0], dtype=torch.float64)  # one step per residual site
     y = x.log()
     dc = depth - depth.mean()
     slope = (dc[:, None] * (y - y.mean(0))).sum(0) / (dc ** 2).sum()
@@ -345,10 +347,7 @@ def belief_state_predictability(handle, prompts: Sequence[str], layers: Sequence
     ``e(x_{t+1})`` is the ``embed`` site at position t+1 (the model's input embedding of the next token).
     Sequences are split 75/25 by prompt. Returns ``layer``, ``r2``, ``cosine``, ``n_train``, ``n_test``.
     """
-    n_layers = handle.n_layers
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    if any(not 0 <= layer < n_layers for layer in layers):
-        raise ValueError(f"layers {layers} out of range: this model has {n_layers} blocks (0-{n_layers - 1})")
+    layers = parse_layers("*" if layers is None else layers, handle.n_layers, what="layers")
     if len(prompts) < 4:
         raise ValueError("belief-state predictability needs at least 4 prompts (held-out split by prompt)")
     sites = ["embed"] + [f"blocks.{layer}.resid_post" for layer in layers]

@@ -1,4 +1,4 @@
-"""Intention metrics (Vera, "Intention Collapse", arXiv 2601.01011; methods.md section 1).
+"""Intention metrics (Vera, "Intention Collapse: Intention-Level Metrics for Reasoning in Language Models", arXiv 2601.01011).
 
 Three measures of the *intention state* -- the residual stream at the last prompt position, just before the
 first output token is chosen:

@@ -8,7 +8,7 @@ the concept than the control's (cosine similarity of sentence embeddings; ties c
 the share of leaks: 50 % means no leakage.
 
 The sweep over block ranges and its report are the study :mod:`hiddenlens.studies.leakage`. The fix under test
-(:mod:`hiddenlens.interventions.replace`, methods.md section 4) replaces the states of the
+(:mod:`hiddenlens.interventions.replace`, "Follow the Flow: On Information Flow Across Textual Tokens in Text-to-Image Models" (arXiv 2504.01137)) replaces the states of the
 leaked-into item, the target clause, with its uncontextualized states (``[BOS] + target`` run alone) over a layer
 range, during the prompt pass of generation. Continuations are still free to attend to the concept tokens
 themselves, so the fix can only remove the part of the leak carried by the target's own states.

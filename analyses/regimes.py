@@ -1,4 +1,4 @@
-"""The regime experiment of Intention Collapse (methods.md section 1): direct vs chain-of-thought vs babble.
+"""The regime experiment of Intention Collapse ("Intention Collapse: Intention-Level Metrics for Reasoning in Language Models" (arXiv 2601.01011)): direct vs chain-of-thought vs babble.
 
 For every problem and regime the prompt goes through the model's chat template (optionally after ``shots``
 worked examples as earlier user/assistant turns), then:
@@ -14,7 +14,7 @@ Recov: a probe predicting correctness from the intention states (AUROC, bootstra
 The study :mod:`hiddenlens.studies.intention` runs it and writes the report folder with the paper's
 headline table beside ours.
 
-Prompts: the direct and CoT wordings are the authors' code's; the babble wording is INFERRED (methods.md gives
+Prompts: the direct and CoT wordings are the authors' code's; the babble wording is INFERRED (the authors' description gives
 only "write a long stream of consciousness ... Do NOT solve ...").
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ PARSE_MODE = {"direct": "first", "cot": "last", "babble": "last"}
 _BABBLE_SHOT = ("This makes me think of a quiet afternoon, the smell of paper, a window with rain on it, the "
                 "way people collect small things and lose them again, and how lists never quite end.")
 
-#: The paper's headline numbers (Mistral-7B-Instruct-v0.3 4-bit, GSM8K n = 200; methods.md 1.5).
+#: The paper's headline numbers (Mistral-7B-Instruct-v0.3 4-bit, GSM8K n = 200; "Intention Collapse: Intention-Level Metrics for Reasoning in Language Models" (arXiv 2601.01011)).
 PAPER_TABLE = pd.DataFrame([
     {"source": "paper v1 (pilot code)", "regime": "direct", "accuracy": 0.055, "h_int_bits": 1.42, "auroc": 0.56,
      "auroc_ci": "includes 0.5"},

@@ -1,4 +1,4 @@
-"""Attention sinks and active-dormant heads (Guo et al., arXiv 2410.13835; methods.md section 2).
+"""Attention sinks and active-dormant heads (Guo et al., "Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs", arXiv 2410.13835).
 
 Everything is computed as reductions inside the capture hooks (``hiddenlens.capture(..., reduce=fn)``): each
 layer's attention pattern ``[batch, heads, q, k]`` is reduced to per-head sums while the forward runs and is never
@@ -12,7 +12,7 @@ token, the BOS when ``add_bos=True``. Per layer and query head (grouped-query at
   see key j), averaged over prompts; ``other_mass`` / ``other_token``: the largest mass of any other key (per
   prompt, averaged) and the token that most often holds it (delimiters such as "." or "\\n");
 * ``dormancy``: mean over queries i >= 1 of ``A_i0`` (token-level mean over all prompts); ``attends_sink`` is
-  ``dormancy > tau`` with tau = 0.8 (INFERRED, methods.md 2.2: the threshold of Sandoval-Segura et al.);
+  ``dormancy > tau`` with tau = 0.8 (INFERRED, "Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs" (arXiv 2410.13835): the threshold of Sandoval-Segura et al.);
 * ``row_entropy``: mean over i >= 1 of ``-sum_j A_ij ln A_ij / ln(i + 1)``; ``col_entropy``: the max over keys j
   (with at least 2 queries) of the entropy of the renormalised column ``A_ij / sum_i A_ij`` (i >= j) divided by
   ``ln(N - j)``, averaged over prompts; ``sink_head`` is ``row_entropy < tau_row`` and ``col_entropy > tau_col``

@@ -2,7 +2,7 @@
 
 Activations are taken at the **last token** of each statement (the final "."), on the residual stream
 (``blocks.{l}.resid_post``, ``[d_model]``) and per head on the attention output before the output projection
-(``blocks.{l}.attn.z``, ``[head_dim]``; ITI's "head-wise" activations). Methods (methods.md sections 3, 6):
+(``blocks.{l}.attn.z``, ``[head_dim]``; ITI's "head-wise" activations). Methods ("TruthPrInt: Mitigating LVLM Object Hallucination Via Latent Truthful-Guided Pre-Intervention" (arXiv 2503.10602), "Inference-Time Intervention: Eliciting Truthful Answers from a Language Model" (arXiv 2306.03341) and "Representation Engineering: A Top-Down Approach to AI Transparency" (arXiv 2310.01405)):
 
 ``mass_mean``  theta = mean(h | true) - mean(h | false)                       (ITI's released setting)
 ``probe``      the coefficient of a logistic regression (``C=1``, ``max_iter=1000``) fitted on train

@@ -1,4 +1,4 @@
-"""Tuned lens (Belrose et al. 2023; methods.md 7.2): one affine translator per layer, trained on forward KL.
+"""Tuned lens (Belrose et al. 2023; "Eliciting Latent Predictions from Transformers with the Tuned Lens" (arXiv 2303.08112)): one affine translator per layer, trained on forward KL.
 
 ``logits_l = W_U FinalNorm(h_l + A_l h_l + b_l)``. Translators are zero-initialised, so an untrained lens is
 exactly the logit lens. Training minimises ``KL(p_final || p_lens)`` at the same position (token shift 0) over
@@ -29,34 +29,34 @@ from tqdm.auto import tqdm
 from hiddenlens.common.files import atomic_path
 from hiddenlens.common.stats import kl_divergence, log_probs
 from hiddenlens.probes.capture import capture
+from hiddenlens.probes.sites import parse_site, residual_sites
 
 
 class TunedLens(nn.Module):
-    """Affine translators ``[d_model -> d_model]`` for the depth labels ``layers`` (-1 = embed, i = block i).
+    """Affine translators ``[d_model -> d_model]`` for the residual ``sites`` (``embed``, ``blocks.{l}.resid_post``).
 
-    Depths without a translator (the last block) are read out unchanged, i.e. by the logit lens.
+    Sites without a translator (the last block) are read out unchanged, i.e. by the logit lens.
     """
 
-    def __init__(self, d_model: int, layers: Sequence[int], model: str = ""):
+    def __init__(self, d_model: int, sites: Sequence[str], model: str = ""):
         super().__init__()
-        self.d_model, self.layers, self.model = int(d_model), [int(x) for x in layers], model
-        self.translators = nn.ModuleList(nn.Linear(self.d_model, self.d_model) for _ in self.layers)
+        self.d_model, self.sites, self.model = int(d_model), [parse_site(s).name for s in sites], model
+        self.translators = nn.ModuleList(nn.Linear(self.d_model, self.d_model) for _ in self.sites)
         for t in self.translators:
             nn.init.zeros_(t.weight)
             nn.init.zeros_(t.bias)
-        self._index = {layer: j for j, layer in enumerate(self.layers)}
+        self._index = {site: j for j, site in enumerate(self.sites)}
 
     @classmethod
     def for_model(cls, handle, include_embed: bool = True) -> "TunedLens":
         """A zero-initialised lens for ``handle``: translators for embed (optional) and blocks 0..L-2."""
-        layers = ([-1] if include_embed else []) + list(range(handle.n_layers - 1))
-        return cls(handle.adapter.d_model, layers, handle.spec)
+        return cls(handle.adapter.d_model, residual_sites(handle.n_layers - 1, include_embed), handle.spec)
 
-    def translate(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        """``h + A_l h + b_l`` for ``h [..., d_model]`` at depth ``layer`` (identity where there is no translator)."""
+    def translate(self, h: torch.Tensor, site: str) -> torch.Tensor:
+        """``h + A h + b`` for ``h [..., d_model]`` at ``site`` (identity where there is no translator)."""
         if h.shape[-1] != self.d_model:
             raise ValueError(f"this lens expects d_model {self.d_model}, got states of width {h.shape[-1]}")
-        j = self._index.get(int(layer))
+        j = self._index.get(site)
         if j is None:
             return h
         t = self.translators[j]
@@ -64,8 +64,8 @@ class TunedLens(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the translators to ``path`` (safetensors, atomic) with ``layers``/``d_model``/``model`` metadata."""
-        meta = {"format": "hiddenlens.tuned_lens", "layers": json.dumps(self.layers), "d_model": str(self.d_model),
+        """Write the translators to ``path`` (safetensors, atomic) with ``sites``/``d_model``/``model`` metadata."""
+        meta = {"format": "hiddenlens.tuned_lens", "sites": json.dumps(self.sites), "d_model": str(self.d_model),
                 "model": self.model}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(path) as tmp:
@@ -82,11 +82,16 @@ class TunedLens(nn.Module):
             meta = f.metadata() or {}
         if meta.get("format") != "hiddenlens.tuned_lens":
             raise ValueError(f"{path} is not a hiddenlens tuned lens (metadata {meta})")
-        lens = cls(int(meta["d_model"]), json.loads(meta["layers"]), meta.get("model", ""))
+        if "sites" in meta:
+            sites = json.loads(meta["sites"])
+        else:  # written before sites: depth labels, -1 = embed
+            sites = ["embed" if i < 0 else f"blocks.{i}.resid_post" for i in json.loads(meta["layers"])]
+        lens = cls(int(meta["d_model"]), sites, meta.get("model", ""))
         lens.load_state_dict(load_file(str(path)))
         if handle is not None:
-            if handle.adapter.d_model != lens.d_model or max(lens.layers) >= handle.n_layers:
-                raise ValueError(f"lens {path} (d_model {lens.d_model}, layers up to {max(lens.layers)}) does not "
+            deepest = max((parse_site(s).layer or 0) for s in lens.sites)
+            if handle.adapter.d_model != lens.d_model or deepest >= handle.n_layers:
+                raise ValueError(f"lens {path} (d_model {lens.d_model}, blocks up to {deepest}) does not "
                                  f"fit {handle.spec} (d_model {handle.adapter.d_model}, {handle.n_layers} blocks)")
         return lens
 
@@ -101,13 +106,13 @@ def _readout(handle, h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def collect_states(handle, prompts: Sequence[str], layers: Sequence[int], max_tokens: int = 4096,
+def collect_states(handle, prompts: Sequence[str], sites: Sequence[str], max_tokens: int = 4096,
                    batch_size: int = 8, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual states of every real token: ``(states [n_tokens, len(layers), d], final_normed [n_tokens, d])``.
+    """Residual states of every real token: ``(states [n_tokens, len(sites), d], final_normed [n_tokens, d])``.
 
     Stops after ``max_tokens`` tokens (memory: n_tokens x (depth + 1) x d floats).
     """
-    sites = [("embed" if layer < 0 else f"blocks.{layer}.resid_post") for layer in layers] + ["final_norm"]
+    sites = list(sites) + ["final_norm"]
     states, finals, total = [], [], 0
     prompts = list(prompts)
     for start in tqdm(range(0, len(prompts), batch_size), desc="lens states", disable=not progress):
@@ -127,12 +132,12 @@ def collect_states(handle, prompts: Sequence[str], layers: Sequence[int], max_to
 def lens_kl(handle, lens: TunedLens, states: torch.Tensor, final_normed: torch.Tensor,
             chunk: int = 256) -> np.ndarray:
     """Mean ``KL(p_final || p_lens)`` (nats) per translated depth of ``lens`` over ``states [n, depth, d]``."""
-    out = np.zeros(len(lens.layers))
+    out = np.zeros(len(lens.sites))
     with torch.no_grad():
         for start in range(0, len(states), chunk):
             final = log_probs(_readout(handle, final_normed[start:start + chunk]))
-            for j, layer in enumerate(lens.layers):
-                logp = log_probs(_readout(handle, lens.translate(states[start:start + chunk, j], layer)))
+            for j, site in enumerate(lens.sites):
+                logp = log_probs(_readout(handle, lens.translate(states[start:start + chunk, j], site)))
                 out[j] += float(kl_divergence(final, logp, from_log_probs=True).sum())
     return out / len(states)
 
@@ -150,7 +155,7 @@ def train_tuned_lens(handle, prompts: Sequence[str], steps: int = 50, tokens_per
     if steps < 1 or tokens_per_step < 1:
         raise ValueError("steps and tokens_per_step must be positive")
     lens = lens or TunedLens.for_model(handle, include_embed)
-    states, final_normed = collect_states(handle, prompts, lens.layers, max_tokens, batch_size, progress)
+    states, final_normed = collect_states(handle, prompts, lens.sites, max_tokens, batch_size, progress)
     states, final_normed = states.to(handle.device), final_normed.to(handle.device)
     lens.to(handle.device)
     opt = torch.optim.SGD(lens.parameters(), lr=lr * (1 - momentum), momentum=momentum, nesterov=True,
@@ -163,11 +168,11 @@ def train_tuned_lens(handle, prompts: Sequence[str], steps: int = 50, tokens_per
             final = log_probs(_readout(handle, final_normed[idx]))
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for j, layer in enumerate(lens.layers):  # one graph per depth keeps memory at one [tokens, vocab] logit
-            logp = log_probs(_readout(handle, lens.translate(states[idx, j], layer)))
+        for j, site in enumerate(lens.sites):  # one graph per depth keeps memory at one [tokens, vocab] logit
+            logp = log_probs(_readout(handle, lens.translate(states[idx, j], site)))
             loss = kl_divergence(final, logp, from_log_probs=True).mean()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"tuned-lens loss became {loss.item()} at step {step}, depth {layer}; "
+                raise FloatingPointError(f"tuned-lens loss became {loss.item()} at step {step}, site {site}; "
                                          "lower lr")
             loss.backward()
             total += loss.detach().item()

@@ -12,6 +12,7 @@ import torch
 
 from hiddenlens.analyses.dynamics import lens_logits
 from hiddenlens.common.stats import entropy, kl_divergence, log_probs
+from hiddenlens.probes.sites import block_of
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def lens_view(handle, prompt: str, tuned=None, max_positions: int = 48, top_k: i
     logits, traj = lens_logits(handle, prompt, lens=tuned, include_embed=True)
     n = min(max_positions, logits.shape[1])
     ids = traj.input_ids[0][-n:]
-    labels = ["embed" if layer < 0 else f"L{layer}" for layer in traj.layers]
+    labels = [site if block_of(site) is None else f"L{block_of(site)}" for site in traj.sites]
     return from_logits("tuned" if tuned is not None else "logit", logits[:, -n:],
                        traj.hidden[:, 0, -n:].norm(dim=-1), token_strings(handle.tokenizer, ids), labels,
                        handle.tokenizer, top_k)

@@ -1,4 +1,5 @@
-"""Iteration deciders for Think-at-Hard selective iteration (methods.md 5.2).
+"""Iteration deciders for Think-at-Hard selective iteration ("Think-at-Hard: Selective Latent Iterations to Improve
+Reasoning Language Models", arXiv 2511.08577).
 
 * :class:`EntropyDecider`: iterate iff the entropy (nats) of the current cumulative next-token distribution is
   above a threshold. A training-free baseline.

@@ -1,12 +1,13 @@
 """Latent iteration, training-free: Coconut continuous thoughts and Think-at-Hard selective iteration.
 
-**Coconut** (Hao et al., arXiv 2412.06769; methods.md 5.5): the last layer's post-final-norm hidden state of the
-previous position is fed back as the next input embedding, one forward pass per latent ("continuous thought"),
+**Coconut** (Hao et al., "Training Large Language Models to Reason in a Continuous Latent Space", arXiv
+2412.06769): the last layer's post-final-norm hidden state of the previous position is fed back as the next input embedding, one forward pass per latent ("continuous thought"),
 reusing the KV cache; then decoding continues normally. Optionally each thought is rescaled to the mean norm of
 the input-embedding rows (INFERRED: Coconut trains the model for this; an untrained model gets out-of-distribution
 inputs, which the rescaling only partly softens).
 
-**Think-at-Hard** (TaH; Fu et al., arXiv 2511.08577; methods.md 5.1-5.3), without TaH's depth-aware LoRA:
+**Think-at-Hard** (TaH; Fu et al., "Think-at-Hard: Selective Latent Iterations to Improve Reasoning Language
+Models", arXiv 2511.08577), without TaH's depth-aware LoRA:
 
 * iteration 0 is the untouched model; a decider picks positions to iterate;
 * an iteration at position ``p`` feeds back ``e = sum_{v in topk(z)} softmax(z_topk)_v E[v]`` (k = 100) at the

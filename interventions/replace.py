@@ -1,9 +1,9 @@
 """Follow-the-Flow token replacement for causal LMs: swap a span's contextual states for its uncontextualized ones.
 
-Kaplan, Toker et al. (arXiv 2504.01137) fix semantic leakage in text-to-image encoders by "replacing the leaked
-item's representation after the textual encoding with its uncontextualized representation". The paper gives no
-exact construction; this module implements the transfer to decoder LMs described in methods.md section 4
-(**INFERRED** design choices, listed here):
+Kaplan, Toker et al. ("Follow the Flow: On Information Flow Across Textual Tokens in Text-to-Image Models", arXiv
+2504.01137) fix semantic leakage in text-to-image encoders by "replacing the leaked item's representation after the
+textual encoding with its uncontextualized representation". The paper gives no exact construction; this module
+implements our transfer to decoder LMs (**INFERRED** design choices, listed here):
 
 * The *uncontextualized* state of a span is its state when ``[BOS] + span tokens`` runs alone through the same
   model. The span keeps the token ids it has inside the prompt (so a word keeps its leading-space token), which

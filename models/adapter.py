@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 _BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers", "blocks")
@@ -191,14 +190,3 @@ def discover_adapter(model: nn.Module, overrides: dict | None = None) -> Archite
         qkv=qkv, q_path=q_path, k_path=k_path, v_path=v_path, qkv_path=qkv_path, o_path=o_path,
         mlp_in_path=mlp_in, mlp_out_proj_path=mlp_out, mlp_norm_path=mlp_norm_path, attn_out_path=attn_out_path,
         mlp_out_path=mlp_out_path, parallel_residual=parallel, unavailable=unavailable)
-
-
-def split_qkv(adapter: ArchitectureAdapter, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split a fused qkv projection output ``[batch, pos, ...]`` into q, k, v ``[batch, pos, heads*head_dim]``."""
-    b, p, _ = fused.shape
-    if adapter.qkv == "gpt2":
-        return tuple(fused.split(adapter.n_heads * adapter.head_dim, dim=-1))
-    # NeoX: [batch, pos, n_heads, 3*head_dim], interleaved per head
-    per_head = fused.view(b, p, adapter.n_heads, 3 * adapter.head_dim)
-    q, k, v = per_head.split(adapter.head_dim, dim=-1)
-    return tuple(t.reshape(b, p, -1) for t in (q, k, v))

@@ -1,6 +1,6 @@
 """Bigram-Backcopy (BB) task: the synthetic data of Guo et al. (arXiv 2410.13835) where attention sinks emerge.
 
-Generator (methods.md 2.3, the official ``BBM/data.py`` class ``bbm``), with statistics from ``pydoc_data.topics``
+Generator ("Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs" (arXiv 2410.13835), the official ``BBM/data.py`` class ``bbm``), with statistics from ``pydoc_data.topics``
 (tiny-Shakespeare is not available offline)::
 
     vocabulary   the characters of the text (ids 0..V-1, sorted), then <s> = BOS (id V) and <d> = delimiter (V+1)

@@ -217,3 +217,14 @@ def forward_key(site: Site) -> tuple[float, int]:
     if site.layer is None:
         return (float("inf"), 0 if site.kind == "final_norm" else 1)
     return (site.layer, _ORDER[site.kind])
+
+
+def residual_sites(n_blocks: int, include_embed: bool = True) -> list[str]:
+    """The residual stream in forward order: ``embed`` (optional), then ``blocks.{l}.resid_post`` for
+    ``l < n_blocks``: the depth axis of the lens and dynamics analyses, addressed by site name."""
+    return (["embed"] if include_embed else []) + [f"blocks.{l}.resid_post" for l in range(n_blocks)]
+
+
+def block_of(site: str) -> int | None:
+    """The block index of a site name (None for ``embed``, ``final_norm``, ``logits``)."""
+    return parse_site(site).layer

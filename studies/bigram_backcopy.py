@@ -3,7 +3,7 @@
 Variants (the issue's small configuration: width 64, sequence 32, batch 64, k = 3 triggers, AdamW lr 1e-3
 wd 1e-4): softmax vs ReLU attention, AdamW vs SGD (momentum 0.9), 1 vs 3 layers, over a few seeds. Each run
 records :func:`hiddenlens.analyses.bb_metrics.bb_metrics` every ``eval_every`` steps, so every metric is a
-curve over training. The SGD learning rate is not given anywhere we could read (methods.md 2.3): 0.1 is our
+curve over training. The SGD learning rate is not given anywhere we could read ("Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs" (arXiv 2410.13835)): 0.1 is our
 choice (INFERRED), large enough to reach the bigram optimum in 1,000 steps.
 """
 from __future__ import annotations

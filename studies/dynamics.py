@@ -70,10 +70,10 @@ class Result(StudyResult):
     def figures(self) -> dict:
         table, ex = self.tables["dynamics"], self.tables["example_lens"]
         ys = [c for c in ("entropy", "kl_to_final", "next_token_ce", "norm", "cos_last", "belief_r2") if c in table]
-        out = {"dynamics": plot_over_checkpoints(table, "layer", ys, f"{self.summary.get('n_prompts', '?')} prompts")}
+        out = {"dynamics": plot_over_checkpoints(table, "site", ys, f"{self.summary.get('n_prompts', '?')} prompts")}
         ranked = ex.dropna(subset=["target_rank"])  # with target "next" the last position has no target
         last = ex[ex["position"] == (ranked if len(ranked) else ex)["position"].max()]
-        out["example_rank"] = plot_over_checkpoints(last, "layer", ["target_rank", "top1_prob"],
+        out["example_rank"] = plot_over_checkpoints(last, "site", ["target_rank", "top1_prob"],
                                                     f"{self.config.example!r} -> {self.config.target!r}")
         return out
 
@@ -102,7 +102,7 @@ def run(config: DynamicsConfig, handle=None, progress: bool = True) -> Result:
                           [["layer", "belief_r2", "belief_cosine"]], on="layer", how="left")
         traj = residual_trajectory(h, prompts[: config.batch_size], logits=False)
         norms = traj.hidden.norm(dim=-1)[:, traj.attention_mask.bool()]
-        shares.append(dynamics_shares(token_dynamics(norms, traj.layers)) | {"model": h.spec})
+        shares.append(dynamics_shares(token_dynamics(norms)) | {"model": h.spec})
         examples.append(logit_lens(h, config.example, target=config.target, lens=tl).assign(model=h.spec))
         return df
 

@@ -82,10 +82,15 @@ class Result(StudyResult):
             tables[name] = df
         return cfg, tables
 
+    @property
+    def several(self) -> bool:
+        """A run over several checkpoints (figures per checkpoint, a by-checkpoint table)."""
+        return "configs" in self.summary
+
     def figures(self) -> dict:
         labels = self.checkpoints
         out = {}
-        for label in (labels if len(labels) > 1 else [None]):
+        for label in (labels if self.several else [None]):
             cfg, t = self.part(label)
             suffix = f"_{_slug(label)}" if label is not None else ""
             out |= {f"{k}{suffix}": fig for k, fig in _figures(cfg, t).items()}
@@ -97,7 +102,7 @@ class Result(StudyResult):
 
     def report(self) -> str:
         labels = self.checkpoints
-        if len(labels) <= 1:
+        if not self.several:
             cfg, t = self.part(None)
             return _report(cfg, t, self.summary.get("notes", ""))
         parts = ["# Intention Collapse regimes over checkpoints", "",

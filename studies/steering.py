@@ -41,7 +41,7 @@ from .report import ModelSpec, StudyResult
 STUDY = "steering"
 
 
-#: ITI's replication file (validation/iti_replication_results.md; methods.md 6.1).
+#: ITI's replication file (validation/iti_replication_results.md; "Inference-Time Intervention: Eliciting Truthful Answers from a Language Model" (arXiv 2306.03341)).
 ITI_TABLE = pd.DataFrame([
     dict(source="ITI paper, Llama-2-chat-7B", setting="baseline", alpha=0.0, true=0.58, ce=2.51, kl=0.0),
     dict(source="ITI paper, Llama-2-chat-7B", setting="ITI, K=48 heads", alpha=15.0, true=0.83, ce=2.82, kl=0.65),

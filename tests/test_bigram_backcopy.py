@@ -1,4 +1,4 @@
-"""Bigram-Backcopy: generator facts (methods.md 2.3), ReLU-attention capture, checkpoints, and the small training
+"""Bigram-Backcopy: generator facts ("Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs" (arXiv 2410.13835)), ReLU-attention capture, checkpoints, and the small training
 run of issue 4 with margins below the measured ranges."""
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def test_every_page_in_chromium(server):
 
             visit(page, errors, "Semantic leakage", "Semantic leakage", "leakage", min_charts=2)
             main = page.get_by_test_id("stMain").inner_text()
-            assert "replaced at states" in main and "capital of Italy is" in main, "the shared prompt is used"
+            assert "replaced at blocks" in main and "capital of Italy is" in main, "the shared prompt is used"
 
             visit(page, errors, "Latent iteration", "Latent iteration", "iteration", min_charts=1)
             assert "Tokens iterated" in page.get_by_test_id("stMain").inner_text()

@@ -1,5 +1,5 @@
 """Latent-state dynamics: lens, trajectory statistics, geometry, token dynamics, belief states, tuned lens,
-checkpoints (methods.md section 7 testable facts)."""
+checkpoints (the logit lens and "Eliciting Latent Predictions from Transformers with the Tuned Lens" (arXiv 2303.08112) testable facts)."""
 from __future__ import annotations
 
 import math
@@ -88,7 +88,7 @@ def test_iid_latents_are_not_predictable_and_linear_dynamics_are():
 # ---- lens on a tiny model ----------------------------------------------------------------------------------------
 def test_last_layer_logit_lens_reproduces_the_model(tiny_llama):
     logits, traj = lens_logits(tiny_llama, "The function returns a value")
-    assert logits.shape[0] == tiny_llama.n_layers + 1 and traj.layers[0] == -1
+    assert logits.shape[0] == tiny_llama.n_layers + 1 and traj.sites[0] == "embed"
     assert torch.allclose(logits[-1], traj.logits[0], atol=1e-5)
     df = logit_lens(tiny_llama, "The function returns a value", target="next")
     last = df[df["layer"] == tiny_llama.n_layers - 1]
@@ -112,13 +112,14 @@ def test_tuned_lens_training_lowers_held_out_kl_and_round_trips(tiny_llama, tmp_
     lens, history = train_tuned_lens(tiny_llama, train, steps=30, tokens_per_step=256, max_tokens=4000, lr=4.0,
                                      progress=False)
     assert len(history) == 30
-    states, finals = collect_states(tiny_llama, held, lens.layers, max_tokens=1500, progress=False)
+    states, finals = collect_states(tiny_llama, held, lens.sites, max_tokens=1500, progress=False)
     before = lens_kl(tiny_llama, TunedLens.for_model(tiny_llama), states, finals)
     after = lens_kl(tiny_llama, lens, states, finals)
     assert (after < before).all() and after.sum() < 0.9 * before.sum()
     path = lens.save(tmp_path / "lens.safetensors")
     loaded = TunedLens.load(path, handle=tiny_llama)
-    assert loaded.layers == lens.layers
+    assert loaded.sites == lens.sites == ["embed", "blocks.0.resid_post", "blocks.1.resid_post",
+                                          "blocks.2.resid_post"]
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lens.state_dict().values()))
     with pytest.raises(FileNotFoundError, match="train-lens"):
         TunedLens.load(tmp_path / "missing.safetensors")
@@ -128,8 +129,9 @@ def test_streamed_summary_does_not_depend_on_batch_size(tiny_llama):
     prompts = ["The value of x", "Return a list of all the items in order", "A class", "Raise an error if"]
     a = dynamics_summary(tiny_llama, prompts, batch_size=1, progress=False)
     b = dynamics_summary(tiny_llama, prompts, batch_size=4, progress=False)
-    assert list(a["layer"]) == [-1, 0, 1, 2, 3]
-    assert np.allclose(a.drop(columns="layer").to_numpy(), b.drop(columns="layer").to_numpy(), atol=1e-4,
+    assert list(a["site"]) == ["embed"] + [f"blocks.{l}.resid_post" for l in range(4)]
+    assert np.isnan(a["layer"].iloc[0]) and list(a["layer"].iloc[1:]) == [0, 1, 2, 3]  # embed is no layer
+    assert np.allclose(a.drop(columns="site").to_numpy(), b.drop(columns="site").to_numpy(), atol=1e-4,
                        equal_nan=True)
     assert a["kl_to_final"].iloc[-1] < 1e-6 and a["final_top1_agree"].iloc[-1] == 1.0
 
@@ -142,7 +144,7 @@ def test_over_checkpoints_builds_one_tidy_table(tmp_path):
                           load=load, labels=["step0", "step1"])
     assert df.columns[0] == "checkpoint" and list(df["checkpoint"].unique()) == ["step0", "step1"]
     assert not np.allclose(df[df.checkpoint == "step0"]["entropy"], df[df.checkpoint == "step1"]["entropy"])
-    fig = plot_over_checkpoints(df, "layer", ["entropy", "kl_to_final"])
+    fig = plot_over_checkpoints(df, "site", ["entropy", "kl_to_final"])
     assert len(fig.axes) == 2
     assert parse_checkpoint("org/model@step1000") == ("org/model", "step1000")
     with pytest.raises(ValueError, match="unique"):

@@ -1,4 +1,4 @@
-"""Intention metrics: H_int, effective dimensionality, recoverability (methods.md 1.2-1.4 testable facts)."""
+"""Intention metrics: H_int, effective dimensionality, recoverability ("Intention Collapse: Intention-Level Metrics for Reasoning in Language Models" (arXiv 2601.01011) testable facts)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Latent iteration (methods.md section 5): duo-causal mask, soft embedding, Coconut off-by-one, exact TaH
+"""Latent iteration ("Think-at-Hard: Selective Latent Iterations to Improve Reasoning Language Models" (arXiv 2511.08577)): duo-causal mask, soft embedding, Coconut off-by-one, exact TaH
 iteration against a full-slot reference forward, deciders and the evaluation metrics."""
 from __future__ import annotations
 

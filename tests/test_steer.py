@@ -34,7 +34,7 @@ def test_alpha_zero_is_plain_generate(tiny_llama, dirs, mode):
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
 def test_edit_is_exactly_alpha_sigma_along_u(request, model):
-    """methods.md 6.1: (h_after - h_before) . u = alpha * sigma, orthogonal part unchanged (resid and heads)."""
+    """"Inference-Time Intervention: Eliciting Truthful Answers from a Language Model" (arXiv 2306.03341): (h_after - h_before) . u = alpha * sigma, orthogonal part unchanged (resid and heads)."""
     h = request.getfixturevalue(model)
     a = h.adapter
     d_res = rand_dir(a.d_model, 1.7, 2, seed=3)

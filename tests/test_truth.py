@@ -1,4 +1,4 @@
-"""Truthful directions on synthetic data with known answers (methods.md 3 and 6.1-6.2), data splits, save/load."""
+"""Truthful directions on synthetic data with known answers ("Inference-Time Intervention: Eliciting Truthful Answers from a Language Model" (arXiv 2306.03341) and "Representation Engineering: A Top-Down Approach to AI Transparency" (arXiv 2310.01405)), data splits, save/load."""
 from __future__ import annotations
 
 import json
@@ -48,9 +48,9 @@ def test_unknown_family_fails_loudly():
         make_statements(["capitals", "colours"])
 
 
-# ---- methods.md testable facts -----------------------------------------------------------------------------
+# ---- testable facts from the papers (ITI, RepE) -----------------------------------------------------------------------------
 def test_mass_mean_parallel_to_separation_axis_and_sigma_pooled():
-    """methods.md 3 / 6.1: cos > 0.99 for N = 2000, SNR = 3; sigma = pooled projected std."""
+    """"Inference-Time Intervention: Eliciting Truthful Answers from a Language Model" (arXiv 2306.03341): cos > 0.99 for N = 2000, SNR = 3; sigma = pooled projected std."""
     rng = np.random.default_rng(1)
     axis = rng.standard_normal(32)
     axis /= np.linalg.norm(axis)
@@ -65,7 +65,7 @@ def test_mass_mean_parallel_to_separation_axis_and_sigma_pooled():
 
 
 def test_repe_first_pc_of_paired_differences_and_sign():
-    """methods.md 6.2: pairs differing by +-delta e1 plus isotropic noise give PC1 = +-e1; sign from labels."""
+    """"Representation Engineering: A Top-Down Approach to AI Transparency" (arXiv 2310.01405): pairs differing by +-delta e1 plus isotropic noise give PC1 = +-e1; sign from labels."""
     rng = np.random.default_rng(3)
     n, d = 400, 24
     base = rng.standard_normal((n, d)) * 3
@@ -90,7 +90,7 @@ def test_probe_direction_separates():
 
 
 def test_top_k_picks_planted_head():
-    """methods.md 6.1: top-K selection picks the head with the strongest planted signal."""
+    """"Inference-Time Intervention: Eliciting Truthful Answers from a Language Model" (arXiv 2306.03341): top-K selection picks the head with the strongest planted signal."""
     n, L, H, hd = 300, 3, 4, 8
 
     def acts(seed):

@@ -39,7 +39,7 @@ def test_steering_toward_true_raises_correct_capital(smollm, capitals):
     df, acts, y = capitals
     tr = torch.tensor((df.split != "test").to_numpy())
     u, sigma, det = fit_direction(acts[tr][:, LAYERS.index(12)], y[tr], "mass_mean")
-    d = Direction(torch.from_numpy(u).float(), sigma, 12, detector=det)
+    d = Direction(torch.from_numpy(u).float(), sigma, "blocks.12.resid_post", detector=det)
     pairs = df[(df.split == "test") & (df.label == 1)].head(24)
     prompts = pairs.prompt.tolist()
 
@@ -56,7 +56,7 @@ def test_steering_toward_true_raises_correct_capital(smollm, capitals):
 
 def test_alpha_zero_generate_is_plain_on_embedded(smollm):
     d = Direction(torch.nn.functional.normalize(torch.randn(576, generator=torch.Generator().manual_seed(0)),
-                                                dim=0), 3.5, 12)
+                                                dim=0), 3.5, "blocks.12.resid_post")
     prompts = ["The capital of Japan is", "Two plus two equals"]
     plain = smollm.generate(prompts, max_new_tokens=8)
     out = steer_generate(smollm, prompts, [d], 0.0, "generated", max_new_tokens=8)

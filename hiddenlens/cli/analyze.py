@@ -121,7 +121,7 @@ def sinks(
         causal_prompts: int = typer.Option(8, help="prompts per domain for the causal confirmation"),
         tau: float = typer.Option(0.8, help="dormancy threshold (INFERRED default)"),
         eps: float = typer.Option(0.01, help="|delta CE| (nats) under which an intervention 'changes little'")) -> None:
-    """Attention sinks, value drains, residual peaks and active-dormant heads (methods.md section 2)."""
+    """Attention sinks, value drains, residual peaks and active-dormant heads ("Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs" (arXiv 2410.13835))."""
     from hiddenlens.studies import sinks as study
 
     folder = out_folder(out, study.STUDY, name)

@@ -30,11 +30,11 @@ def train_lens(
     lens, history = train_tuned_lens(handle, prompts, steps=steps, tokens_per_step=tokens_per_step, lr=lr,
                                      max_tokens=max_tokens, batch_size=batch_size)
     lens.save(out)
-    states, finals = collect_states(handle, held, lens.layers, max_tokens=1024)
+    states, finals = collect_states(handle, held, lens.sites, max_tokens=1024)
     before = lens_kl(handle, TunedLens.for_model(handle), states, finals)
     after = lens_kl(handle, lens, states, finals)
     write_json(out.with_suffix(".json"), {"model": model, "steps": steps, "tokens_per_step": tokens_per_step,
-                                          "layers": lens.layers, "held_out_kl_logit_lens": before.tolist(),
+                                          "sites": lens.sites, "held_out_kl_logit_lens": before.tolist(),
                                           "held_out_kl_tuned_lens": after.tolist(),
                                           "train_kl": history["kl"].tolist()})
     o.console.print(f"held-out KL to the final distribution (nats, mean over depths): logit lens {before.mean():.3f}"

@@ -90,9 +90,6 @@ class HFBackend:
 
     name = "hf"
 
-    def __str__(self) -> str:
-        return self.name
-
     def __init__(self, handle):
         self.handle = handle
         self.hooks = HookRegistry(handle)

@@ -1,4 +1,4 @@
-"""Reference-counted dispatcher hooks on shared modules: the only place that calls ``register_forward_hook``.
+"""Reference-counted dispatcher hooks on shared modules, through which every read and edit of a backend runs.
 
 A *point* is one module's input (``"input"``: a forward pre-hook seeing ``(args, kwargs)``) or output
 (``"output"``). Each point carries one dispatcher hook, installed when the first open block (in any thread) needs

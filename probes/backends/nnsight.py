@@ -81,9 +81,6 @@ class NNsightBackend:
 
     name = "nnsight"
 
-    def __str__(self) -> str:
-        return self.name
-
     def __init__(self, handle):
         self.handle = handle
         self.lm = wrap_nnsight(handle)

@@ -138,9 +138,6 @@ class TransformerLensBackend:
 
     name = "transformer_lens"
 
-    def __str__(self) -> str:
-        return self.name
-
     def __init__(self, handle):
         self.handle = handle
         self.bridge = wrap_transformer_lens(handle)
