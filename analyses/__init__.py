@@ -3,6 +3,7 @@
 * :mod:`.intention` / :mod:`.regimes` -- intention entropy, effective dimensionality, recoverability; the regime run.
 * :mod:`.sinks` -- attention sinks, value drains, residual peaks, active-dormant heads.
 * :mod:`.dynamics` / :mod:`.tuned_lens` -- logit and tuned lens, trajectory statistics, belief states.
+* :mod:`.dla` -- direct logit attribution (embedding, heads, MLPs; final-norm scale frozen).
 * :mod:`.truth` -- truthful directions (mass-mean, probe, RepE, ITI heads) and per-token scores.
 * :mod:`.leakage`, :mod:`.iteration`, :mod:`.bb_metrics`, :mod:`.checkpoints` -- the measurement halves of the
   leakage, iteration and Bigram-Backcopy studies, and checkpoint sweeps.
@@ -10,6 +11,7 @@
 The paper studies that combine these with interventions and write reports live in :mod:`hiddenlens.studies`.
 """
 from .checkpoints import over_checkpoints, plot_over_checkpoints
+from .dla import direct_logit_attribution
 from .dynamics import (belief_state_predictability, dynamics_summary, lens_logits, logit_lens, residual_trajectory,
                        token_dynamics)
 from .intention import effective_dimensionality, intention_entropy, recoverability
@@ -19,6 +21,6 @@ from .truth import fit_direction, fit_truth, token_scores
 from .tuned_lens import TunedLens, train_tuned_lens
 
 __all__ = ["over_checkpoints", "plot_over_checkpoints", "belief_state_predictability", "dynamics_summary",
-           "lens_logits", "logit_lens", "residual_trajectory", "token_dynamics", "effective_dimensionality",
+           "direct_logit_attribution", "lens_logits", "logit_lens", "residual_trajectory", "token_dynamics", "effective_dimensionality",
            "intention_entropy", "recoverability", "run_regimes", "head_ablation", "head_pattern", "intervene_head",
            "sink_analysis", "fit_direction", "fit_truth", "token_scores", "TunedLens", "train_tuned_lens"]

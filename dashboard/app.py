@@ -22,5 +22,6 @@ st.navigation([
     st.Page(PAGES / "truth.py", title="Truthful directions"),
     st.Page(PAGES / "leakage.py", title="Semantic leakage"),
     st.Page(PAGES / "iteration.py", title="Latent iteration"),
+    st.Page(PAGES / "patching.py", title="Compare and patch"),
     st.Page(PAGES / "results.py", title="Results"),
 ]).run()

@@ -227,3 +227,99 @@ def open_results(path: str) -> results.Results:
 
 find_runs = results.find_runs
 ResultsError = results.ResultsError
+
+
+# ---- compare and patch ----------------------------------------------------------------------------------------
+#: Patching sites of the "Compare and patch" page: name -> (site pattern, per head, axis of the map's columns).
+PATCH_SITES = {"resid_post": ("blocks.*.resid_post", False, "position"), "attn.z": ("blocks.*.attn.z", True, "head")}
+
+
+def _patch_pair(clean: str, corrupted: str, answer: str, wrong: str):
+    from hiddenlens.interventions.patching import PromptPair
+
+    return PromptPair(clean, corrupted, answer, wrong)
+
+
+@st.cache_resource(max_entries=16, show_spinner="Activation patching: one forward per layer over every cell...")
+def _activation_result(key: ModelKey, clean: str, corrupted: str, answer: str, wrong: str, site: str,
+                       direction: str):
+    from hiddenlens.interventions.patching import activation_patching
+
+    pattern, per_head, _ = PATCH_SITES[site]
+    return activation_patching(get_model(key), [_patch_pair(clean, corrupted, answer, wrong)], pattern,
+                               direction=direction, per_head=per_head, progress=False)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def activation_patch(key: ModelKey, clean: str, corrupted: str, answer: str, wrong: str, site: str = "resid_post",
+                     direction: str = "denoise") -> dict:
+    """``hiddenlens.interventions.patching.activation_patching`` of one pair over every layer of ``site``
+    (``PATCH_SITES``): ``{"z": [layers, positions | heads] normalised metric, "columns": positions or heads,
+    "column": "position" | "head", "y": row labels, "table": one row per cell, "metric_clean",
+    "metric_corrupted", "tokens": the clean prompt's tokens, "direction"}``.
+    Raises ``ValueError`` for pairs of different token length and multi-token answers."""
+    res = _activation_result(key, clean, corrupted, answer, wrong, site, direction)
+    return _patch_view(get_model(key), res, clean, PATCH_SITES[site][2])
+
+
+def _patch_view(handle, res, clean: str, column: str) -> dict:
+    cells = res.cells.copy()
+    cells[column] = cells[column].astype(int)
+    grid = cells.pivot_table(index="layer", columns=column, values="normalized", aggfunc="mean",
+                             dropna=False).sort_index().sort_index(axis=1)
+    ids = handle.tokenize(clean).input_ids[0].tolist()  # as the patching tokenizes it (BOS when the model uses one)
+    tokens = [handle.tokenizer.decode([int(i)]) for i in ids]
+    table = cells[["site", "layer", column, "metric", "normalized"]]
+    if column == "position":
+        table = table.assign(token=[tokens[int(p)] for p in table["position"]])
+    pair = res.pairs.iloc[0]
+    return {"z": grid.to_numpy(dtype=float), "columns": [int(c) for c in grid.columns],
+            "y": [f"L{int(layer)}" for layer in grid.index],
+            "table": table.reset_index(drop=True), "metric_clean": float(pair["metric_clean"]),
+            "metric_corrupted": float(pair["metric_corrupted"]), "tokens": tokens, "column": column,
+            "direction": res.direction}
+
+
+@st.cache_resource(max_entries=16, show_spinner="Attribution patching (one forward and one backward) and comparing "
+                                                 "it with activation patching...")
+def attribution_compare(key: ModelKey, clean: str, corrupted: str, answer: str, wrong: str, site: str = "resid_post"
+                        ) -> pd.DataFrame:
+    """``hiddenlens.interventions.patching.compare`` of denoising activation patching and attribution patching of
+    one pair over ``site``: one row per cell (``activation``, ``attribution``), Pearson r in ``.attrs["pearson_r"]``."""
+    from hiddenlens.interventions.patching import attribution_patching, compare
+
+    pattern, per_head, _ = PATCH_SITES[site]
+    att = attribution_patching(get_model(key), [_patch_pair(clean, corrupted, answer, wrong)], pattern,
+                               per_head=per_head, progress=False)
+    both = compare(_activation_result(key, clean, corrupted, answer, wrong, site, "denoise"), att)
+    both = both.drop(columns=[c for c in ("head", "position") if c in both and both[c].isna().all()])
+    r = both.attrs.get("pearson_r", np.nan)
+    both = both.reset_index(drop=True)
+    both.attrs["pearson_r"] = r
+    return both
+
+
+@st.cache_resource(max_entries=16, show_spinner="Direct logit attribution of the clean prompt...")
+def logit_attribution(key: ModelKey, prompt: str, answer: str, wrong: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``hiddenlens.analyses.dla.direct_logit_attribution`` of ``logit(answer) - logit(wrong)`` at the last
+    position of ``prompt``: ``(components, heads)``. ``components``: ``embed``, each layer's ``attn`` (heads and
+    output bias summed) and ``mlp``, then the norm / unembedding biases when the model has them, with columns
+    ``component``, ``layer``, ``answer``, ``wrong``, ``diff``; ``heads``: every head's ``diff``, largest first."""
+    from hiddenlens.analyses.dla import direct_logit_attribution
+
+    df = direct_logit_attribution(get_model(key), prompt, [answer, wrong], per_head=True)
+    a, w = df.columns[3], df.columns[4]
+    df = df.assign(diff=df[a] - df[w])
+    kind = df["component"].replace({"attn_head": "attn", "attn_bias": "attn"})
+    label = [f"L{int(layer)} {k}" if pd.notna(layer) else k for k, layer in zip(kind, df["layer"])]
+    components = (df.assign(label=label, kind=kind)
+                  .groupby("label", sort=False)
+                  .agg(component=("kind", "first"), layer=("layer", "first"), answer=(a, "sum"), wrong=(w, "sum"),
+                       diff=("diff", "sum"))
+                  .reset_index().rename(columns={"label": "name"}))
+    heads = df[df["component"] == "attn_head"][["layer", "head", a, w, "diff"]].rename(
+        columns={a: "answer", w: "wrong"})
+    heads = heads.astype({"layer": int, "head": int})
+    heads = heads.reindex(heads["diff"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+    components.attrs["logit_diff"] = float(df.attrs["logits"][a] - df.attrs["logits"][w])
+    return components, heads

@@ -109,3 +109,45 @@ def grouped_bars(labels: list[str], groups: dict[str, np.ndarray], title: str, y
     fig = go.Figure([go.Bar(x=list(labels), y=np.asarray(v, dtype=float), name=k) for k, v in groups.items()])
     fig.update_layout(barmode="group", title=title, yaxis_title=yaxis, height=340, **_LAYOUT)
     return fig
+
+
+def patching_heatmap(z: np.ndarray, x: list[str], y: list[str], title: str, xaxis: str,
+                     max_cells_with_text: int = 600) -> go.Figure:
+    """Layer (y, first layer at the bottom) x position or head (x) map of a normalised patching metric
+    (0 = the corrupted run, 1 = the clean run) on a diverging scale centred at 0."""
+    z = np.asarray(z, dtype=float)
+    bound = max(1.0, float(np.nanmax(np.abs(z)))) if np.isfinite(z).any() else 1.0
+    show_text = z.size <= max_cells_with_text
+    fig = go.Figure(go.Heatmap(
+        z=z.tolist(), x=list(x), y=list(y), colorscale="RdBu", zmin=-bound, zmax=bound,
+        colorbar=dict(title="normalised<br>(0 corrupt, 1 clean)"),
+        texttemplate="%{z:.2f}" if show_text else None,
+        hovertemplate="%{y} @ %{x}<br>normalised %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title="layer", xaxis=dict(type="category"),
+                      yaxis=dict(type="category"), height=max(320, 24 * len(y) + 140), **_LAYOUT)
+    return fig
+
+
+def dla_bars(labels: list[str], values, title: str, yaxis: str) -> go.Figure:
+    """One bar per component (positive = toward the answer, blue; negative = red)."""
+    v = np.asarray(values, dtype=float)
+    fig = go.Figure(go.Bar(x=list(labels), y=v.tolist(), marker_color=np.where(v >= 0, "#2166ac", "#b2182b").tolist(),
+                           hovertemplate="%{x}<br>%{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="component", yaxis_title=yaxis, xaxis=dict(type="category"),
+                      height=340, **_LAYOUT)
+    return fig
+
+
+def patching_scatter(activation, attribution, labels: list[str], r: float, title: str) -> go.Figure:
+    """Attribution (y) against activation patching (x) per cell, with the y = x line and Pearson r in the title."""
+    a, b = np.asarray(activation, dtype=float), np.asarray(attribution, dtype=float)
+    finite = np.concatenate([a[np.isfinite(a)], b[np.isfinite(b)], [0.0, 1.0]])
+    lo, hi = float(finite.min()), float(finite.max())
+    fig = go.Figure([
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dash", color="grey"), name="y = x",
+                   hoverinfo="skip"),
+        go.Scatter(x=a.tolist(), y=b.tolist(), mode="markers", text=list(labels), name="cells",
+                   hovertemplate="%{text}<br>activation %{x:.3f}<br>attribution %{y:.3f}<extra></extra>")])
+    fig.update_layout(title=f"{title} (Pearson r = {r:.3f})", xaxis_title="activation patching (normalised)",
+                      yaxis_title="attribution patching (normalised)", height=380, showlegend=False, **_LAYOUT)
+    return fig

@@ -196,14 +196,24 @@ def attribution_patching(handle, pairs: Sequence[PromptPair], sites: str | Seque
         ans, wrong = _token(handle, pair.answer), _token(handle, pair.wrong)
         with torch.inference_mode(), capture(handle, names) as clean:
             m_clean = float(logit_diff(handle.run([clean_ids], add_bos=None).logits[0, -1], ans, wrong))
-        with capture(handle, names, grad=True) as corrupt:
+        taken: dict[str, torch.Tensor] = {}
+
+        def take(region: torch.Tensor, where) -> torch.Tensor:
+            """Identity op whose output the forward continues from: the gradient w.r.t. it is dm/da, in the
+            site's canonical layout (also for per-head views of a module's input)."""
+            taken[where.site.name] = out = region.clone()
+            return out
+
+        with torch.enable_grad(), edit(handle, {n: Apply(take) for n in names}, grad=True):
             metric = logit_diff(handle.run([corrupt_ids], add_bos=None).logits[0, -1], ans, wrong)
-        grads = torch.autograd.grad(metric, [corrupt[n] for n in names])
-        m_corrupt, span = float(metric), m_clean - float(metric)
+        grads = torch.autograd.grad(metric, [taken[n] for n in names])
+        corrupt = {n: taken[n].detach() for n in names}
+        m_corrupt = float(metric.detach())
+        span = m_clean - m_corrupt
         pair_rows.append({"pair": i, "clean": pair.clean, "corrupted": pair.corrupted, "answer": pair.answer,
                           "wrong": pair.wrong, "metric_clean": m_clean, "metric_corrupted": m_corrupt})
         for site, g in zip(site_list, grads):
-            delta = (clean[site.name].float() - corrupt[site.name].detach().float()) * g.float()  # [1, (h,) pos, d]
+            delta = (clean[site.name].float() - corrupt[site.name].float()) * g.float()  # [1, (h,) pos, d]
             if per_head:
                 if site.kind not in HEAD_SITES:
                     raise ValueError(f"per_head=True needs per-head sites, not {site.name}")

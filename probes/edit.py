@@ -192,12 +192,14 @@ class Edit(Block):
 
     ``positions`` and ``heads`` may be reassigned between forwards (conditional steering switches itself on
     mid-generation this way). ``require_applied=False`` allows a block in which no entry was ever selected.
+    ``grad=True`` runs the block's forwards with autograd, so gradients reach what its ops return (attribution
+    patching differentiates through an identity op this way).
     """
 
     writes = True
 
     def __init__(self, handle, edits: Mapping[str, object], positions: Positions = None,
-                 heads: list[int] | int | None = None, require_applied: bool = True):
+                 heads: list[int] | int | None = None, require_applied: bool = True, grad: bool = False):
         if not edits:
             raise ValueError("no edits given: pass {site: op}, e.g. {'blocks.3.resid_post': hl.Add(v)}")
         ops: dict[Site, Op] = {}
@@ -223,6 +225,7 @@ class Edit(Block):
             if bad or not self.heads:
                 raise ValueError(f"heads {bad or self.heads}: this model has heads 0..{n - 1}")
         self.require_applied = require_applied
+        self.grad = grad
         self.fired: dict[str, int] = {s.name: 0 for s in ops}
         self.selected: dict[str, int] = {s.name: 0 for s in ops}
         #: run -> site name -> [batch, positions] float32: L2 norm of the change at each absolute position
@@ -322,7 +325,7 @@ class Edit(Block):
 
 
 def edit(handle, edits: Mapping[str, object], positions: Positions = None, heads: list[int] | int | None = None,
-         require_applied: bool = True) -> Edit:
+         require_applied: bool = True, grad: bool = False) -> Edit:
     """Apply ``edits`` (``{site or pattern: Op | tensor | fn}``) to every forward of ``handle`` run in this
     thread while the ``with`` block is open; yields the :class:`Edit` (its ``changes`` log what changed)."""
-    return Edit(handle, edits, positions, heads, require_applied)
+    return Edit(handle, edits, positions, heads, require_applied, grad)

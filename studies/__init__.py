@@ -22,6 +22,8 @@ STUDIES = {
     "steering": "hiddenlens.studies.steering",
     "leakage": "hiddenlens.studies.leakage",
     "iteration": "hiddenlens.studies.iteration",
+    "applicability": "hiddenlens.studies.applicability",
+    "patching": "hiddenlens.studies.patching",
 }
 
 

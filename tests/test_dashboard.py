@@ -347,3 +347,53 @@ def test_dashboard_command_binds_localhost_with_safe_settings():
                  "--browser.gatherUsageStats=false", "--server.fileWatcherType=none", "--server.maxUploadSize=16"):
         assert flag in argv
     assert env[modelstore.MODEL_ENV] == "tiny-llama"
+
+
+def _patch_inputs(at: AppTest, clean: str, corrupted: str, answer: str = " a", wrong: str = " b") -> AppTest:
+    at.text_input(key="patch_clean").input(clean)
+    at.text_input(key="patch_corrupted").input(corrupted)
+    at.text_input(key="patch_answer").input(answer)
+    at.text_input(key="patch_wrong").input(wrong)
+    return at.run()
+
+
+def test_patching_page_maps_dla_and_attribution():
+    at = run_page("patching")
+    assert not at.exception  # the embedded model's defaults do not fit the byte-level tiny tokenizer: a message
+    at = _patch_inputs(at, "The capital of France is", "The capital of Italy is")
+    no_errors(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert {"Logit difference, clean", "Logit difference, corrupted", "Pearson r"} <= set(metrics)
+    specs = plotly_specs(at)
+    heat = specs[0]["data"][0]
+    assert heat["type"] == "heatmap" and heat["y"] == ["L0", "L1", "L2", "L3"]
+    assert heat["x"][-1].endswith("is") and heat["zmin"] == -heat["zmax"]  # tokens on x; diverging around 0
+    assert abs(heat["z"][-1][-1] - 1.0) < 1e-4, "the clean last state at the last layer restores the clean run"
+    assert abs(heat["z"][0][0]) < 1e-4  # the shared first token: patching it changes nothing
+    dla = specs[1]
+    assert dla["data"][0]["type"] == "bar" and dla["data"][0]["x"][:3] == ["embed", "L0 attn", "L0 mlp"]
+    scatter = specs[2]
+    assert "Pearson r" in scatter["layout"]["title"]["text"] and len(scatter["data"][1]["x"]) == 4 * len(heat["x"])
+    assert len(at.get("download_button")) == 3
+    at.toggle(key="patch_heads").set_value(True).run()
+    no_errors(at)
+    assert any({"layer", "head", "diff"} <= set(d.value.columns) for d in at.dataframe)
+    assert len(at.get("download_button")) == 4
+    at.selectbox(key="patch_site").set_value("attn.z").run()
+    no_errors(at)
+    heads = plotly_specs(at)[0]["data"][0]
+    assert heads["x"] == ["H0", "H1", "H2", "H3"] and heads["y"] == ["L0", "L1", "L2", "L3"]
+    assert len(plotly_specs(at)) == 3  # the map, the DLA bars and the attribution scatter
+    at.selectbox(key="patch_direction").set_value("noise").run()
+    no_errors(at)
+    assert "(noise)" in plotly_specs(at)[0]["layout"]["title"]["text"]
+
+
+def test_patching_page_shows_bad_pairs_as_one_message():
+    at = _patch_inputs(run_page("patching"), "The capital of France is", "The capital of Peru is")
+    assert not at.exception
+    assert len(at.error) == 1 and "same token length" in at.error[0].value
+    assert not plotly_specs(at)
+    at = _patch_inputs(at, "The capital of France is", "The capital of Italy is", " Rome", " b")
+    assert not at.exception
+    assert len(at.error) == 1 and "single-token" in at.error[0].value

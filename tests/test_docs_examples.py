@@ -17,6 +17,7 @@ WRITES = {
     "dynamics_lens.py": ["dynamics_paris.png"],
     "edit.py": ["edit.png"],
     "intention_metrics.py": ["intention_metrics.png"],
+    "patching.py": ["patching/patching.png", "patching/report.md", "patching/dla.png"],
     "performance.py": ["performance.png"],
     "quickstart.py": ["quickstart.png"],
     "replace.py": ["replace.png"],

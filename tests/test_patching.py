@@ -50,6 +50,16 @@ def test_attribution_equals_activation_patching_where_the_metric_is_linear(tiny_
     assert resid.attrs["pearson_r"] > 0.5  # an approximation elsewhere, reported with its correlation
 
 
+def test_per_head_attribution_adds_up_to_the_attention_output(tiny_llama):
+    """attn.out = W_O z + b is linear in z, so the heads' first-order terms sum to the attention output's."""
+    heads = attribution_patching(tiny_llama, PAIRS, "blocks.*.attn.z", per_head=True, progress=False).cells
+    out = attribution_patching(tiny_llama, PAIRS, "blocks.*.attn.out", progress=False).cells
+    per_layer_heads = heads.groupby(["pair", "layer"])["normalized"].sum()
+    per_layer_out = out.groupby(["pair", "layer"])["normalized"].sum()
+    assert np.allclose(per_layer_heads.to_numpy(), per_layer_out.to_numpy(), atol=1e-4)
+    assert heads["head"].notna().all() and per_layer_heads.abs().max() > 0
+
+
 def test_per_head_patching_and_backends_agree(tiny_llama):
     ref = activation_patching(tiny_llama, PAIRS[:1], "blocks.*.attn.z", per_head=True, progress=False)
     assert ref.cells["head"].notna().all() and ref.grid().shape == (tiny_llama.n_layers, 4)
@@ -106,3 +116,24 @@ def test_bad_pairs_fail_loudly(tiny_llama):
                                                                " a", " b")], progress=False)
     with pytest.raises(ValueError, match="direction"):
         activation_patching(tiny_llama, PAIRS, direction="sideways", progress=False)
+
+
+def test_patching_study_runs_writes_and_reads(tiny_llama, tmp_path):
+    import json
+
+    from hiddenlens.studies import patching as study
+    from hiddenlens.studies import read_run
+
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps({"pairs": [p.__dict__ for p in PAIRS]}))
+    res = study.run(study.PatchingConfig(model="tiny-llama", pairs=str(pairs)), tiny_llama, progress=False)
+    assert {"cells", "summary", "pairs", "attribution", "dla"} <= set(res.tables)
+    assert abs(res.tables["dla"]["logit_diff"].sum() - res.summary["clean_metric_mean"]) < 1e-3
+    folder = res.write(tmp_path / "run")
+    back = read_run(folder)
+    assert set(back.tables) == set(res.tables) and (folder / "patching.png").is_file()
+    assert len(study.load_pairs()) >= 6  # the shipped pairs load
+    with pytest.raises(ValueError, match="clean, corrupted"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"pairs": [{"clean": "a"}]}))
+        study.load_pairs(str(bad))

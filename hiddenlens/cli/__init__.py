@@ -1,6 +1,7 @@
 """The ``hiddenlens`` command line (typer): one module per top-level command or command group.
 
-    info.py  capture.py  demo.py  dashboard.py  train_lens.py  train_decider.py    top-level commands
+    info.py  capture.py  demo.py  doctor.py  dashboard.py  train_lens.py  train_decider.py    top-level commands
+    patch.py                                                                       top-level command
     analyze.py  bench.py  bb.py  truth.py  steer.py                               command groups
     options.py                                                                    shared options, model loading
 
@@ -14,7 +15,7 @@ import sys
 
 import typer
 
-from . import analyze, bb, bench, capture, dashboard, demo, info, steer, train_decider, train_lens, truth
+from . import analyze, bb, bench, capture, dashboard, demo, doctor, info, patch, steer, train_decider, train_lens, truth
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 DEBUG_ENV = "HIDDENLENS_DEBUG"
@@ -34,9 +35,11 @@ def _root(debug: bool = typer.Option(False, "--debug", help=f"show the full trac
 app.command("info")(info.info)
 app.command("capture")(capture.capture)
 app.command("demo")(demo.demo)
+app.command("doctor")(doctor.doctor)
 app.command("dashboard")(dashboard.dashboard)
 app.command("train-lens")(train_lens.train_lens)
 app.command("train-decider")(train_decider.train_decider)
+app.command("patch")(patch.patch)
 app.add_typer(analyze.app, name="analyze")
 app.add_typer(bench.app, name="bench")
 app.add_typer(bb.app, name="bb")
