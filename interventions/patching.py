@@ -78,9 +78,21 @@ def _pair_ids(handle, pair: PromptPair, add_bos) -> tuple[list[int], list[int]]:
     return clean, corrupt
 
 
+METRICS = ("logit_diff", "prob")
+
+
 def logit_diff(logits: torch.Tensor, answer: int, wrong: int) -> torch.Tensor:
     """``logits [..., vocab]`` -> ``logit(answer) - logit(wrong)`` ``[...]`` (float32)."""
     return logits[..., answer].float() - logits[..., wrong].float()
+
+
+def patch_metric(logits: torch.Tensor, answer: int, wrong: int, metric: str) -> torch.Tensor:
+    """``logit_diff`` (logit units) or ``prob`` (the answer's probability) of ``logits [..., vocab]``."""
+    if metric == "logit_diff":
+        return logit_diff(logits, answer, wrong)
+    if metric == "prob":
+        return torch.softmax(logits.float(), -1)[..., answer]
+    raise ValueError(f"metric={metric!r}: choose one of {METRICS}")
 
 
 @dataclass
@@ -143,13 +155,16 @@ def _row_patch(cells, source: torch.Tensor) -> Op:
 
 def activation_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequence[str] = "blocks.*.resid_pre",
                         direction: str = "denoise", per_head: bool = False, positions: Sequence[int] | None = None,
-                        add_bos: bool | None = None, progress: bool = True) -> PatchingResult:
+                        metric: str = "logit_diff", add_bos: bool | None = None,
+                        progress: bool = True) -> PatchingResult:
     """Activation patching of every cell of ``sites`` (x positions, or x heads with ``per_head``) for each pair.
 
     ``positions``: patch only these (absolute; negative from the end); default every position. With ``per_head``
     each head is patched at every position at once (TransformerLens's per-head maps)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}: choose one of {DIRECTIONS}")
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: choose one of {METRICS}")
     if not pairs:
         raise ValueError("no prompt pairs given")
     site_list = resolve_sites(sites, handle.n_layers, handle.adapter.unavailable)
@@ -162,9 +177,11 @@ def activation_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequen
         ans, wrong = _token(handle, pair.answer), _token(handle, pair.wrong)
         with torch.inference_mode():
             with capture(handle, names) as clean:
-                m_clean = float(logit_diff(handle.run([clean_ids], add_bos=None).logits[0, -1], ans, wrong))
+                m_clean = float(patch_metric(handle.run([clean_ids], add_bos=None).logits[0, -1], ans, wrong,
+                                             metric))
             with capture(handle, names) as corrupt:
-                m_corrupt = float(logit_diff(handle.run([corrupt_ids], add_bos=None).logits[0, -1], ans, wrong))
+                m_corrupt = float(patch_metric(handle.run([corrupt_ids], add_bos=None).logits[0, -1], ans, wrong,
+                                               metric))
         source, target_ids = (clean, corrupt_ids) if direction == "denoise" else (corrupt, clean_ids)
         span = m_clean - m_corrupt
         pair_rows.append({"pair": i, "clean": pair.clean, "corrupted": pair.corrupted, "answer": pair.answer,
@@ -173,15 +190,15 @@ def activation_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequen
             cells = _cells(handle, site, len(clean_ids), per_head, positions)
             with torch.inference_mode(), edit(handle, {site.name: _row_patch(cells, source[site.name])}):
                 logits = handle.run([target_ids] * len(cells), add_bos=None).logits[:, -1]
-            metric = logit_diff(logits, ans, wrong).cpu().numpy()
-            for (p, h), m in zip(cells, metric):
+            values = patch_metric(logits, ans, wrong, metric).cpu().numpy()
+            for (p, h), m in zip(cells, values):
                 rows.append({"pair": i, "site": site.name, "layer": site.layer, "head": h, "position": p,
                              "metric": float(m), "normalized": (float(m) - m_corrupt) / span if span else np.nan})
     return PatchingResult(pd.DataFrame(rows), pd.DataFrame(pair_rows), direction, "activation")
 
 
 def attribution_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequence[str] = "blocks.*.resid_pre",
-                         per_head: bool = False, add_bos: bool | None = None,
+                         per_head: bool = False, metric: str = "logit_diff", add_bos: bool | None = None,
                          progress: bool = True) -> PatchingResult:
     """First-order estimate of denoising activation patching: ``(a_clean - a_corrupt) . dm/da`` at the corrupted
     run (one forward + one backward per pair), normalised like :func:`activation_patching`."""
@@ -195,7 +212,7 @@ def attribution_patching(handle, pairs: Sequence[PromptPair], sites: str | Seque
         clean_ids, corrupt_ids = all_ids[i]
         ans, wrong = _token(handle, pair.answer), _token(handle, pair.wrong)
         with torch.inference_mode(), capture(handle, names) as clean:
-            m_clean = float(logit_diff(handle.run([clean_ids], add_bos=None).logits[0, -1], ans, wrong))
+            m_clean = float(patch_metric(handle.run([clean_ids], add_bos=None).logits[0, -1], ans, wrong, metric))
         taken: dict[str, torch.Tensor] = {}
 
         def take(region: torch.Tensor, where) -> torch.Tensor:
@@ -205,10 +222,10 @@ def attribution_patching(handle, pairs: Sequence[PromptPair], sites: str | Seque
             return out
 
         with torch.enable_grad(), edit(handle, {n: Apply(take) for n in names}, grad=True):
-            metric = logit_diff(handle.run([corrupt_ids], add_bos=None).logits[0, -1], ans, wrong)
-        grads = torch.autograd.grad(metric, [taken[n] for n in names])
+            value = patch_metric(handle.run([corrupt_ids], add_bos=None).logits[0, -1], ans, wrong, metric)
+        grads = torch.autograd.grad(value, [taken[n] for n in names])
         corrupt = {n: taken[n].detach() for n in names}
-        m_corrupt = float(metric.detach())
+        m_corrupt = float(value.detach())
         span = m_clean - m_corrupt
         pair_rows.append({"pair": i, "clean": pair.clean, "corrupted": pair.corrupted, "answer": pair.answer,
                           "wrong": pair.wrong, "metric_clean": m_clean, "metric_corrupted": m_corrupt})

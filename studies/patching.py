@@ -46,13 +46,15 @@ def load_pairs(path: str | None = None) -> list[PromptPair]:
 class PatchingConfig(ModelSpec):
     """``pairs``: a JSON file of prompt pairs (None: the shipped ones), at most ``limit``; ``sites`` to patch
     (a pattern, e.g. ``blocks.*.resid_post``, or ``blocks.*.attn.z`` with ``per_head``); ``direction``
-    ``denoise`` | ``noise``; ``attribution``: also run attribution patching; ``dla``: the clean prompts' DLA."""
+    ``denoise`` | ``noise``; ``metric``: ``logit_diff`` | ``prob``; ``attribution``: also run attribution
+    patching; ``dla``: the clean prompts' DLA (of the logit difference)."""
 
     pairs: str | None = None
     limit: int | None = None
     sites: str = "blocks.*.resid_post"
     direction: str = "denoise"
     per_head: bool = False
+    metric: str = "logit_diff"
     attribution: bool = True
     dla: bool = True
 
@@ -113,10 +115,11 @@ class Result(StudyResult):
         top = s.sort_values("normalized", ascending=False).head(10)
         lines = ["# Activation patching", "",
                  f"Model `{m.get('model')}`, {m.get('n_pairs')} prompt pairs, {self.config.direction} patching of "
-                 f"`{self.config.sites}`{' per head' if self.config.per_head else ''}. Metric: logit difference "
-                 "(answer - wrong) at the last position, normalised (0 = corrupted run, 1 = clean run); mean over "
-                 "pairs with a 95 % bootstrap CI.", "",
-                 "Pairs (clean / corrupted logit difference):", "",
+                 f"`{self.config.sites}`{' per head' if self.config.per_head else ''}. Metric: "
+                 + ("the answer's probability" if self.config.metric == "prob" else "logit difference (answer - wrong)")
+                 + " at the last position, normalised (0 = corrupted run, 1 = clean run); mean over pairs with a 95 % "
+                 "bootstrap CI.", "",
+                 "Pairs (clean / corrupted metric):", "",
                  markdown_table(self.tables["pairs"][["clean", "corrupted", "answer", "wrong", "metric_clean",
                                                       "metric_corrupted"]]), "",
                  "The ten cells that restore the most:", "",
@@ -136,14 +139,16 @@ def run(config: PatchingConfig, handle=None, progress: bool = True) -> Result:
     """Patch every cell for each pair of ``config`` on ``config.model`` (or ``handle``)."""
     h = handle if handle is not None else config.load()
     pairs = load_pairs(config.pairs)[: config.limit]
-    act = activation_patching(h, pairs, config.sites, config.direction, config.per_head, progress=progress)
+    act = activation_patching(h, pairs, config.sites, config.direction, config.per_head, metric=config.metric,
+                              progress=progress)
     tables = {"cells": act.cells, "summary": act.summary(), "pairs": act.pairs}
     ids = h.tokenize(pairs[0].corrupted).input_ids[0].tolist()
     summary = {"model": h.spec, "n_pairs": len(pairs), "tokens": [h.tokenizer.decode([t]) for t in ids],
                "clean_metric_mean": float(act.pairs["metric_clean"].mean()),
                "corrupted_metric_mean": float(act.pairs["metric_corrupted"].mean())}
     if config.attribution and config.direction == "denoise":
-        att: PatchingResult = attribution_patching(h, pairs, config.sites, config.per_head, progress=progress)
+        att: PatchingResult = attribution_patching(h, pairs, config.sites, config.per_head, metric=config.metric,
+                                                   progress=progress)
         both = compare(act, att)
         tables["attribution"] = both
         summary["attribution_pearson_r"] = both.attrs["pearson_r"]

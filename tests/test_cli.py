@@ -11,15 +11,15 @@ from typer.testing import CliRunner
 
 from hiddenlens.cli import app, main
 
-TOP = {"info", "capture", "demo", "dashboard", "train-lens", "train-decider", "analyze", "bench", "bb", "truth",
-       "steer"}
+TOP = {"info", "capture", "demo", "dashboard", "train-lens", "train-decider", "patch", "doctor", "analyze", "bench",
+       "bb", "truth", "steer"}
 GROUPS = {"analyze": {"intention", "dynamics", "sinks", "leakage", "iteration"},
           "bench": {"capture", "store", "dimensionality", "steer"}, "bb": {"train", "reproduce"},
           "truth": {"directions"}, "steer": {"run", "eval"}}
 #: commands that load a model offer the shared options
 LOADERS = [["info"], ["capture"], ["demo"], ["dashboard"], ["train-lens"], ["train-decider"],
            ["analyze", "intention"], ["analyze", "dynamics"], ["analyze", "sinks"], ["analyze", "leakage"],
-           ["analyze", "iteration"], ["truth", "directions"], ["steer", "run"], ["steer", "eval"]]
+           ["analyze", "iteration"], ["truth", "directions"], ["steer", "run"], ["steer", "eval"], ["patch"]]
 
 
 def test_every_command_is_in_the_help():

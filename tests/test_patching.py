@@ -33,6 +33,15 @@ def test_last_layer_last_position_is_clean_and_shared_prefix_is_corrupt(tiny_lla
     assert list(denoise.pairs.columns[:3]) == ["pair", "clean", "corrupted"]
 
 
+def test_probability_metric(tiny_llama):
+    prob = activation_patching(tiny_llama, PAIRS, f"blocks.{tiny_llama.n_layers - 1}.resid_post", positions=[-1],
+                               metric="prob", progress=False)
+    assert np.allclose(prob.cells["normalized"], 1.0, atol=1e-5)
+    assert prob.pairs["metric_clean"].between(0, 1).all()
+    with pytest.raises(ValueError, match="metric"):
+        activation_patching(tiny_llama, PAIRS, metric="rank", progress=False)
+
+
 def test_noising_breaks_the_clean_run(tiny_llama):
     noise = activation_patching(tiny_llama, PAIRS[:1], f"blocks.{tiny_llama.n_layers - 1}.resid_post",
                                 direction="noise", positions=[-1], progress=False)

@@ -17,6 +17,7 @@ def patch(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device 
                                                                 "'blocks.*.attn.z' with --per-head)"),
           direction: str = typer.Option("denoise", help="denoise (clean into corrupted) | noise (the reverse)"),
           per_head: bool = typer.Option(False, "--per-head", help="one cell per head (every position at once)"),
+          metric: str = typer.Option("logit_diff", help="logit_diff (answer - wrong) | prob (the answer's probability)"),
           attribution: bool = typer.Option(True, help="also run attribution patching and correlate it"),
           dla: bool = typer.Option(True, help="also decompose the clean logit difference (direct logit attribution)"),
           out: OptionalOut = None, name: Name = None) -> None:
@@ -27,7 +28,8 @@ def patch(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device 
     folder = o.out_folder(out, study.STUDY, name)
     handle = o.load(model, backend, device, dtype)
     config = study.PatchingConfig(model=model, backend=backend, device=device, dtype=dtype, pairs=pairs, limit=limit,
-                                  sites=sites, direction=direction, per_head=per_head, attribution=attribution,
+                                  sites=sites, direction=direction, per_head=per_head, metric=metric,
+                                  attribution=attribution,
                                   dla=dla)
     res = study.run(config, handle)
     res.write(folder)
