@@ -69,6 +69,21 @@ def _all_pair_ids(handle, pairs: Sequence[PromptPair], add_bos) -> list[tuple[li
     return ids
 
 
+def _setup(handle, pairs, sites, metric: str, add_bos):
+    """Checked inputs of a patching run: ``(sites, their names, token ids of every pair)``."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: choose one of {METRICS}")
+    if not pairs:
+        raise ValueError("no prompt pairs given")
+    site_list = resolve_sites(sites, handle.n_layers, handle.adapter.unavailable)
+    return site_list, [s.name for s in site_list], _all_pair_ids(handle, pairs, add_bos)
+
+
+def _pair_row(i: int, pair: PromptPair, m_clean: float, m_corrupt: float) -> dict:
+    return {"pair": i, "clean": pair.clean, "corrupted": pair.corrupted, "answer": pair.answer, "wrong": pair.wrong,
+            "metric_clean": m_clean, "metric_corrupted": m_corrupt}
+
+
 def _pair_ids(handle, pair: PromptPair, add_bos) -> tuple[list[int], list[int]]:
     clean = handle.tokenize(pair.clean, add_bos=add_bos).input_ids[0].tolist()
     corrupt = handle.tokenize(pair.corrupted, add_bos=add_bos).input_ids[0].tolist()
@@ -153,7 +168,7 @@ def _row_patch(cells, source: torch.Tensor) -> Op:
     return Apply(patch)
 
 
-def activation_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequence[str] = "blocks.*.resid_pre",
+def activation_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequence[str] = "blocks.*.resid_post",
                         direction: str = "denoise", per_head: bool = False, positions: Sequence[int] | None = None,
                         metric: str = "logit_diff", add_bos: bool | None = None,
                         progress: bool = True) -> PatchingResult:
@@ -163,14 +178,8 @@ def activation_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequen
     each head is patched at every position at once (TransformerLens's per-head maps)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r}: choose one of {DIRECTIONS}")
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}: choose one of {METRICS}")
-    if not pairs:
-        raise ValueError("no prompt pairs given")
-    site_list = resolve_sites(sites, handle.n_layers, handle.adapter.unavailable)
-    names = [s.name for s in site_list]
+    site_list, names, all_ids = _setup(handle, pairs, sites, metric, add_bos)
     rows, pair_rows = [], []
-    all_ids = _all_pair_ids(handle, pairs, add_bos)
     it = tqdm(list(enumerate(pairs)), desc="activation patching", disable=not progress)
     for i, pair in it:
         clean_ids, corrupt_ids = all_ids[i]
@@ -184,8 +193,7 @@ def activation_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequen
                                                metric))
         source, target_ids = (clean, corrupt_ids) if direction == "denoise" else (corrupt, clean_ids)
         span = m_clean - m_corrupt
-        pair_rows.append({"pair": i, "clean": pair.clean, "corrupted": pair.corrupted, "answer": pair.answer,
-                          "wrong": pair.wrong, "metric_clean": m_clean, "metric_corrupted": m_corrupt})
+        pair_rows.append(_pair_row(i, pair, m_clean, m_corrupt))
         for site in site_list:
             cells = _cells(handle, site, len(clean_ids), per_head, positions)
             with torch.inference_mode(), edit(handle, {site.name: _row_patch(cells, source[site.name])}):
@@ -197,17 +205,13 @@ def activation_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequen
     return PatchingResult(pd.DataFrame(rows), pd.DataFrame(pair_rows), direction, "activation")
 
 
-def attribution_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequence[str] = "blocks.*.resid_pre",
+def attribution_patching(handle, pairs: Sequence[PromptPair], sites: str | Sequence[str] = "blocks.*.resid_post",
                          per_head: bool = False, metric: str = "logit_diff", add_bos: bool | None = None,
                          progress: bool = True) -> PatchingResult:
     """First-order estimate of denoising activation patching: ``(a_clean - a_corrupt) . dm/da`` at the corrupted
     run (one forward + one backward per pair), normalised like :func:`activation_patching`."""
-    if not pairs:
-        raise ValueError("no prompt pairs given")
-    site_list = resolve_sites(sites, handle.n_layers, handle.adapter.unavailable)
-    names = [s.name for s in site_list]
+    site_list, names, all_ids = _setup(handle, pairs, sites, metric, add_bos)
     rows, pair_rows = [], []
-    all_ids = _all_pair_ids(handle, pairs, add_bos)
     for i, pair in tqdm(list(enumerate(pairs)), desc="attribution patching", disable=not progress):
         clean_ids, corrupt_ids = all_ids[i]
         ans, wrong = _token(handle, pair.answer), _token(handle, pair.wrong)
@@ -227,8 +231,7 @@ def attribution_patching(handle, pairs: Sequence[PromptPair], sites: str | Seque
         corrupt = {n: taken[n].detach() for n in names}
         m_corrupt = float(value.detach())
         span = m_clean - m_corrupt
-        pair_rows.append({"pair": i, "clean": pair.clean, "corrupted": pair.corrupted, "answer": pair.answer,
-                          "wrong": pair.wrong, "metric_clean": m_clean, "metric_corrupted": m_corrupt})
+        pair_rows.append(_pair_row(i, pair, m_clean, m_corrupt))
         for site, g in zip(site_list, grads):
             delta = (clean[site.name].float() - corrupt[site.name].float()) * g.float()  # [1, (h,) pos, d]
             if per_head:
