@@ -5,6 +5,7 @@ is the table of where each site lives; the nnsight backend reuses it, so every b
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -14,7 +15,7 @@ from hiddenlens.models.adapter import ArchitectureAdapter, get_path
 from .. import context
 from ..attention import attach_attention
 from ..sites import Site
-from .hooks import HookRegistry, forward_offset
+from .hooks import HookRegistry, acquire_all, forward_offset
 
 
 def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -102,20 +103,17 @@ class HFBackend:
         """Hooks for every site of ``block`` on ``model`` (default ``handle.hf_model``)."""
         model = model if model is not None else self.handle.hf_model
         a = self.handle.adapter
-        releases: list[Callable[[], None]] = []
-        try:
-            releases.append(self.hooks.add_begin(backbone(model), forward_offset))
+
+        def steps():
+            yield partial(self.hooks.add_begin, backbone(model), forward_offset)
             for site in block.sites:
                 point = site_point(a, model, site)
                 if point is None:
-                    releases.append(attach_attention(self.handle, model, a.sub(model, site.layer, a.attn_path),
-                                                     site.layer))
+                    yield partial(attach_attention, self.handle, model, a.sub(model, site.layer, a.attn_path),
+                                  site.layer)
                 else:
-                    releases.append(self.hooks.add_site(point[0], point[1], site, point[2]))
-        except BaseException:
-            _release_all(releases)
-            raise
-        return lambda: _release_all(releases)
+                    yield partial(self.hooks.add_site, point[0], point[1], site, point[2])
+        return acquire_all(steps())
 
     tap = attach
     edit = attach
@@ -157,14 +155,3 @@ def run_stopping(hooks: HookRegistry, handle, stop_module, stop_after, fn: Calla
     finally:
         release()
 
-
-def _release_all(releases: list[Callable[[], None]]) -> None:
-    errors = []
-    for r in reversed(releases):
-        try:
-            r()
-        except Exception as exc:  # keep removing the others
-            errors.append(exc)
-    releases.clear()
-    if errors:
-        raise errors[0]

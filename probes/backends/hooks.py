@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import partial
+from typing import Callable, Iterable
 
 import torch
 
@@ -204,3 +205,30 @@ def process(handle, sites: dict[Site, list], value: torch.Tensor, blocks: tuple 
             if not b.writes:
                 b.record(site, extract(current))
     return edited
+
+
+def release_all(releases: list[Callable[[], None]]) -> None:
+    """Undo ``releases`` in reverse order; every one runs even if an earlier one raised (the first error is
+    re-raised afterwards)."""
+    errors = []
+    for r in reversed(releases):
+        try:
+            r()
+        except Exception as exc:  # keep removing the others
+            errors.append(exc)
+    releases.clear()
+    if errors:
+        raise errors[0]
+
+
+def acquire_all(steps: Iterable[Callable[[], Callable[[], None]]]) -> Callable[[], None]:
+    """Run each step (each installs something and returns its undo); if one fails, undo the ones before and
+    re-raise. Returns the function that undoes them all."""
+    releases: list[Callable[[], None]] = []
+    try:
+        for step in steps:
+            releases.append(step())
+    except BaseException:
+        release_all(releases)
+        raise
+    return partial(release_all, releases)

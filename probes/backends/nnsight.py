@@ -23,6 +23,7 @@ offline.
 from __future__ import annotations
 
 import contextvars
+from functools import partial
 from typing import Callable
 
 import torch
@@ -31,8 +32,8 @@ from .. import context
 from ..attention import attach_attention
 from ..sites import Site
 from .errors import BackendError
-from .hf import HFBackend, _release_all, site_point
-from .hooks import hidden_arg, process, untuple
+from .hf import HFBackend, site_point
+from .hooks import acquire_all, hidden_arg, process, untuple
 
 
 
@@ -106,9 +107,8 @@ class NNsightBackend:
     def attach(self, block) -> Callable[[], None]:
         """Attention-weight sites need the eager switch; the others are visited inside each trace."""
         model, a = self.handle.hf_model, self.handle.adapter
-        releases = [attach_attention(self.handle, model, a.sub(model, s.layer, a.attn_path), s.layer)
-                    for s in block.sites if site_point(a, model, s) is None]
-        return lambda: _release_all(releases)
+        return acquire_all(partial(attach_attention, self.handle, model, a.sub(model, s.layer, a.attn_path), s.layer)
+                           for s in block.sites if site_point(a, model, s) is None)
 
     tap = attach
     edit = attach
@@ -158,11 +158,11 @@ class NNsightBackend:
         if output_scores or streamer is not None:
             raise BackendError(self.name, "return per-step scores or stream tokens from generate",
                                "use backend='hf' or 'transformer_lens' for output_scores / streamer")
-        releases = [self._hf.attach(b) for b in context.open_blocks(self.handle)]
+        release = acquire_all(partial(self._hf.attach, b) for b in context.open_blocks(self.handle))
         try:
             inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
             seqs = self.lm.generate(inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                     pad_token_id=self.handle.tokenizer.pad_token_id, **kwargs)
         finally:
-            _release_all(releases)
+            release()
         return seqs, []

@@ -23,6 +23,7 @@ handles, reference-counted), so hooks that user code added through TransformerLe
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Callable
 
 import torch
@@ -32,8 +33,8 @@ from hiddenlens.models.loading import share_weights_clone
 
 from ..sites import Site
 from .errors import BackendError
-from .hf import _release_all, hf_generate, run_stopping
-from .hooks import HookRegistry, forward_offset
+from .hf import hf_generate, run_stopping
+from .hooks import HookRegistry, acquire_all, forward_offset
 
 #: our block site kind -> the bridge's hook point (relative to ``blocks.{i}``)
 _BLOCK_HOOKS = {
@@ -149,19 +150,16 @@ class TransformerLensBackend:
 
     def attach(self, block) -> Callable[[], None]:
         a = self.handle.adapter
-        releases: list[Callable[[], None]] = []
-        try:
-            releases.append(self.hooks.add_begin(self.bridge.original_model.base_model, _offset))
+
+        def steps():
+            yield partial(self.hooks.add_begin, self.bridge.original_model.base_model, _offset)
             for site in block.sites:
                 name = hook_name(site)
                 if name not in self.bridge.hook_dict:
                     raise BackendError(self.name, f"reach site {site.name} (the bridge has no hook point {name!r})")
-                releases.append(self.hooks.add_site(self.bridge.hook_dict[name], "output", site,
-                                                    _canonical(site, a.n_heads, a.n_kv_heads)))
-        except BaseException:
-            _release_all(releases)
-            raise
-        return lambda: _release_all(releases)
+                yield partial(self.hooks.add_site, self.bridge.hook_dict[name], "output", site,
+                              _canonical(site, a.n_heads, a.n_kv_heads))
+        return acquire_all(steps())
 
     tap = attach
     edit = attach
