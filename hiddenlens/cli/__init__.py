@@ -5,8 +5,9 @@
     analyze.py  bench.py  bb.py  truth.py  steer.py                               command groups
     options.py                                                                    shared options, model loading
 
-User errors (``ValueError``, ``FileNotFoundError``, ``KeyError`` raised for bad input, and ``BackendError``)
-print one line ``error: ...`` and exit with status 2; ``--debug`` (or ``HIDDENLENS_DEBUG=1``) shows the full traceback instead.
+User errors (``hiddenlens.common.errors.UserError`` and its subclasses, ``ValueError``, ``KeyError``, the
+``OSError`` kinds a wrong path raises, and ``BackendError``) print one line ``error: ...`` that names the input and
+the fix, and exit with status 2; ``--debug`` (or ``HIDDENLENS_DEBUG=1``) shows the full traceback instead.
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import sys
 
 import typer
 
+from hiddenlens.common.errors import UserError
 from hiddenlens.probes.backends.errors import BackendError
 
 from . import analyze, bb, bench, capture, dashboard, demo, doctor, info, patch, steer, train_decider, train_lens, truth
 
-#: errors that describe a bad input or an unsupported request (a backend lacking a capability), not a bug
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, BackendError)
+#: errors that describe a bad input, a path or folder that cannot be used, or an unsupported request (a backend
+#: lacking a capability), not a bug
+USER_ERRORS = (UserError, ValueError, KeyError, FileNotFoundError, FileExistsError, IsADirectoryError,
+               NotADirectoryError, PermissionError, BackendError)
 DEBUG_ENV = "HIDDENLENS_DEBUG"
 
 app = typer.Typer(help="hiddenlens: look inside language models and change what they do.", no_args_is_help=True,
