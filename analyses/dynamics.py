@@ -37,6 +37,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from hiddenlens.common.batching import batch_starts
 from hiddenlens.common.stats import entropy, js_divergence, kl_divergence, log_probs
 from hiddenlens.probes.capture import capture
 from hiddenlens.probes.sites import block_of, parse_layers, residual_sites
@@ -217,7 +218,7 @@ def dynamics_summary(handle, prompts: Sequence[str], batch_size: int = 8, lens=N
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     sites: list[str] = []
-    starts = range(0, len(prompts), batch_size)
+    starts = batch_starts(len(prompts), batch_size)
     for start in tqdm(starts, desc="dynamics", unit="batch", disable=not progress):
         traj = residual_trajectory(handle, prompts[start:start + batch_size], include_embed, add_bos)
         sites = traj.sites
@@ -355,7 +356,7 @@ def belief_state_predictability(handle, prompts: Sequence[str], layers: Sequence
     nxt: dict[int, list] = {layer: [] for layer in layers}
     emb, groups = [], []
     prompts = list(prompts)
-    for start in tqdm(range(0, len(prompts), batch_size), desc="belief-state capture", disable=not progress):
+    for start in tqdm(batch_starts(len(prompts), batch_size), desc="belief-state capture", disable=not progress):
         with capture(handle, sites, to="cpu") as cache:
             out = handle.run(prompts[start:start + batch_size], add_bos=add_bos, logits=False)
         mask = out.attention_mask.cpu().bool()

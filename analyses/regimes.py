@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from hiddenlens.common.batching import batch_starts
 from hiddenlens.common.stats import bootstrap_ci, wilson_ci
 from hiddenlens.probes.capture import capture
 
@@ -89,7 +90,7 @@ def default_layers(n_layers: int, k: int = 5) -> list[int]:
 
 def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i:i + batch_size] for i in batch_starts(len(order), batch_size)]
 
 
 def intention_pass(handle, prompts: list[list[int]], layers: list[int], batch_size: int = 8, top_k: int = 100,

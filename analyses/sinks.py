@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from hiddenlens.common.batching import batch_starts
 from hiddenlens.common.stats import entropy
 from hiddenlens.models.tiny import offline_prose
 from hiddenlens.probes.capture import capture
@@ -76,7 +77,7 @@ def prepare_prompts(handle, prompts, add_bos: bool = True, max_tokens: int | Non
 
 
 def _batches(rows: list[list[int]], batch_size: int):
-    for s in range(0, len(rows), batch_size):
+    for s in batch_starts(len(rows), batch_size):
         yield list(range(s, min(s + batch_size, len(rows))))
 
 

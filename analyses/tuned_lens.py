@@ -8,8 +8,12 @@ final norm and unembedding are the model's own modules, called with detached par
 modified and gets no gradients). Lenses are saved and loaded as safetensors (plus JSON metadata in the header).
 
     lens, history = train_tuned_lens(handle, prompts, steps=50)
-    lens.save("lens.safetensors"); lens = TunedLens.load("lens.safetensors")
+    lens.save("lens.safetensors"); lens = TunedLens.load("lens.safetensors", handle)
     df = logit_lens(handle, "The capital of France is", lens=lens)   # hiddenlens.analyses.dynamics
+
+A lens made for a model records its identity (``d_model``, ``n_layers``, ``vocab_size``, the spec and the sha256 of
+the weights, :func:`hiddenlens.probes.store.weights_hash`); loading it for another model raises
+:class:`LensMismatchError` naming both.
 """
 from __future__ import annotations
 
@@ -26,10 +30,28 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from hiddenlens.common.batching import batch_starts
+from hiddenlens.common.errors import UserError
 from hiddenlens.common.files import atomic_path
 from hiddenlens.common.stats import kl_divergence, log_probs
 from hiddenlens.probes.capture import capture
 from hiddenlens.probes.sites import parse_site, residual_sites
+from hiddenlens.probes.store import weights_hash
+
+#: what a lens records about the model it was made for (all strings in the safetensors header)
+IDENTITY_KEYS = ("n_layers", "vocab_size", "weights_sha256", "dtype")
+
+
+class LensMismatchError(UserError, ValueError):
+    """A tuned lens loaded for a model other than the one it was trained on."""
+
+
+def model_identity(handle) -> dict[str, str]:
+    """``n_layers``, ``vocab_size``, ``weights_sha256`` (cached in ``handle.info``) and ``dtype`` of a model."""
+    sha = handle.info.setdefault("weights_sha256", weights_hash(handle.hf_model))
+    vocab = int(handle.adapter.unembedding(handle.hf_model).weight.shape[0])
+    return {"n_layers": str(handle.n_layers), "vocab_size": str(vocab), "weights_sha256": sha,
+            "dtype": str(handle.dtype).replace("torch.", "")}
 
 
 class TunedLens(nn.Module):
@@ -38,9 +60,11 @@ class TunedLens(nn.Module):
     Sites without a translator (the last block) are read out unchanged, i.e. by the logit lens.
     """
 
-    def __init__(self, d_model: int, sites: Sequence[str], model: str = ""):
+    def __init__(self, d_model: int, sites: Sequence[str], model: str = "", identity: dict[str, str] | None = None):
         super().__init__()
         self.d_model, self.sites, self.model = int(d_model), [parse_site(s).name for s in sites], model
+        #: the model this lens was made for (see :func:`model_identity`; empty for a lens built by hand)
+        self.identity = dict(identity or {})
         self.translators = nn.ModuleList(nn.Linear(self.d_model, self.d_model) for _ in self.sites)
         for t in self.translators:
             nn.init.zeros_(t.weight)
@@ -50,7 +74,8 @@ class TunedLens(nn.Module):
     @classmethod
     def for_model(cls, handle, include_embed: bool = True) -> "TunedLens":
         """A zero-initialised lens for ``handle``: translators for embed (optional) and blocks 0..L-2."""
-        return cls(handle.adapter.d_model, residual_sites(handle.n_layers - 1, include_embed), handle.spec)
+        return cls(handle.adapter.d_model, residual_sites(handle.n_layers - 1, include_embed), handle.spec,
+                   model_identity(handle))
 
     def translate(self, h: torch.Tensor, site: str) -> torch.Tensor:
         """``h + A h + b`` for ``h [..., d_model]`` at ``site`` (identity where there is no translator)."""
@@ -66,15 +91,17 @@ class TunedLens(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Write the translators to ``path`` (safetensors, atomic) with ``sites``/``d_model``/``model`` metadata."""
         meta = {"format": "hiddenlens.tuned_lens", "sites": json.dumps(self.sites), "d_model": str(self.d_model),
-                "model": self.model}
+                "model": self.model, **self.identity}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, handle=None) -> "TunedLens":
-        """Read a lens written by :meth:`save`; with ``handle``, check that its width and depth fit the model."""
+    def load(cls, path: str | Path, handle=None, check_weights: bool = True) -> "TunedLens":
+        """Read a lens written by :meth:`save`. With ``handle``, raise :class:`LensMismatchError` unless the lens
+        fits the model: its width and depth, and (for lenses that record them) the number of blocks, the vocabulary
+        and, with ``check_weights``, the exact weights (a lens trained on one checkpoint misreads another)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tuned lens at {path}; train one with `hiddenlens train-lens`")
@@ -86,14 +113,41 @@ class TunedLens(nn.Module):
             sites = json.loads(meta["sites"])
         else:  # written before sites: depth labels, -1 = embed
             sites = ["embed" if i < 0 else f"blocks.{i}.resid_post" for i in json.loads(meta["layers"])]
-        lens = cls(int(meta["d_model"]), sites, meta.get("model", ""))
+        lens = cls(int(meta["d_model"]), sites, meta.get("model", ""),
+                   {k: meta[k] for k in IDENTITY_KEYS if k in meta})
         lens.load_state_dict(load_file(str(path)))
         if handle is not None:
-            deepest = max((parse_site(s).layer or 0) for s in lens.sites)
-            if handle.adapter.d_model != lens.d_model or deepest >= handle.n_layers:
-                raise ValueError(f"lens {path} (d_model {lens.d_model}, blocks up to {deepest}) does not "
-                                 f"fit {handle.spec} (d_model {handle.adapter.d_model}, {handle.n_layers} blocks)")
+            lens.check_fits(handle, path, check_weights)
         return lens
+
+    def check_fits(self, handle, path: str | Path = "", check_weights: bool = True) -> None:
+        """Raise :class:`LensMismatchError` naming this lens's model and ``handle``'s when they differ."""
+        deepest = max((parse_site(s).layer or 0) for s in self.sites)
+        mine = dict(self.identity, d_model=str(self.d_model))
+        theirs = dict(model_identity(handle) if self.identity else {}, d_model=str(handle.adapter.d_model))
+        keys = ["d_model", "n_layers", "vocab_size"] + (["weights_sha256"] if check_weights else [])
+        differ = [k for k in keys if k in mine and mine[k] != theirs.get(k)]
+        if not differ and deepest < handle.n_layers:
+            return
+        dtype_hint = (f"; the dtypes differ too: load the model with dtype {mine['dtype']}"
+                      if "weights_sha256" in differ and mine.get("dtype") != theirs.get("dtype") else "")
+        raise LensMismatchError(
+            f"tuned lens {path} does not fit this model: it was made for {_describe(self.model, mine, keys)}, "
+            f"blocks up to {deepest}; this is {_describe(handle.spec, theirs, keys)}, {handle.n_layers} blocks"
+            f"{dtype_hint}. Train a lens for this model with `hiddenlens train-lens --model {handle.spec}`")
+
+
+def _describe(model: str, identity: dict[str, str], keys: list[str]) -> str:
+    """``spec (d_model 64, n_layers 4, ..., weights_sha256 <12 hex>, dtype float32)`` for an error message."""
+    fields = ", ".join(f"{k} {identity[k][:12]}" for k in keys + ["dtype"] if k in identity)
+    return f"{model or '?'} ({fields})"
+
+
+def _check_positive(**values: int) -> None:
+    """Raise naming the first argument that is not a positive integer."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
 
 
 def _readout(handle, h: torch.Tensor) -> torch.Tensor:
@@ -112,10 +166,11 @@ def collect_states(handle, prompts: Sequence[str], sites: Sequence[str], max_tok
 
     Stops after ``max_tokens`` tokens (memory: n_tokens x (depth + 1) x d floats).
     """
+    _check_positive(max_tokens=max_tokens, batch_size=batch_size)
     sites = list(sites) + ["final_norm"]
     states, finals, total = [], [], 0
     prompts = list(prompts)
-    for start in tqdm(range(0, len(prompts), batch_size), desc="lens states", disable=not progress):
+    for start in tqdm(batch_starts(len(prompts), batch_size), desc="lens states", disable=not progress):
         with capture(handle, sites, to="cpu") as cache:
             out = handle.run(prompts[start:start + batch_size], logits=False)
         mask = out.attention_mask.cpu().bool()
@@ -152,8 +207,11 @@ def train_tuned_lens(handle, prompts: Sequence[str], steps: int = 50, tokens_per
     Cost per step is ``depth x tokens_per_step x d_model x vocab`` multiply-adds, three times (forward + backward):
     about 11 s per step on 2 CPU cores for the embedded model at 64 tokens per step.
     """
-    if steps < 1 or tokens_per_step < 1:
-        raise ValueError("steps and tokens_per_step must be positive")
+    _check_positive(steps=steps, tokens_per_step=tokens_per_step)
+    if not (np.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr}: the learning rate must be a positive finite number")
+    if lens is not None:
+        lens.check_fits(handle)
     lens = lens or TunedLens.for_model(handle, include_embed)
     states, final_normed = collect_states(handle, prompts, lens.sites, max_tokens, batch_size, progress)
     states, final_normed = states.to(handle.device), final_normed.to(handle.device)

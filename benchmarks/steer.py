@@ -48,7 +48,7 @@ def run_steer_benchmark(model: str = "smollm2-135m-instruct", layer: int | str =
     """Measure and print the table; write JSON to ``out`` when given. Returns the result dict."""
     handle = load_model(model, device=device, dtype=dtype)
     layer = one_layer(layer, handle.n_layers, "--layer")
-    d = random_like([Direction(torch.zeros(handle.adapter.d_model), 3.5, f"blocks.{layer}.resid_post")], seed=0)[0]
+    d = random_like([Direction(torch.ones(handle.adapter.d_model), 3.5, f"blocks.{layer}.resid_post")], seed=0)[0]
     vec = (alpha * d.sigma * d.vector).to(handle.device, handle.dtype)
     gen_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     nn, tl = _peers(handle) if peers else (None, None)

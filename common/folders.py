@@ -54,14 +54,13 @@ def is_used(folder: str | Path) -> bool:
     return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
 
-def check_free(folder: str | Path, overwrite: bool = False, flag: str = "--overwrite") -> Path:
+def check_free(folder: str | Path, overwrite: bool = False, fix: str = "pass --overwrite to replace it") -> Path:
     """Refuse early (before a long run) when ``folder`` already holds results and ``overwrite`` is False."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FolderExistsError(f"{folder} is a file, not a folder; choose another output folder")
     if is_used(folder) and not overwrite:
-        raise FolderExistsError(f"{folder} already holds results; choose a new folder or pass {flag} to replace "
-                                "the whole folder")
+        raise FolderExistsError(f"{folder} already holds results; choose a new folder, or {fix}")
     return folder
 
 
@@ -73,23 +72,25 @@ def _remove_stale(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def committed_folder(folder: str | Path, overwrite: bool = False, flag: str = "--overwrite") -> Iterator[Path]:
+def committed_folder(folder: str | Path, overwrite: bool = False,
+                     fix: str = "pass --overwrite to replace it") -> Iterator[Path]:
     """Yield a fresh temporary folder to write ``folder``'s content into; on success it replaces ``folder``.
 
-    The lock on ``folder`` is held for the whole block. A used ``folder`` is refused unless ``overwrite`` (checked
+    The lock on ``folder`` is held for the whole block. A used ``folder`` is refused (the message ends with
+    ``fix``, how to replace it) unless ``overwrite`` (checked
     again at the commit, so a run that finished meanwhile is not overwritten silently). On an exception the
     temporary folder is removed and ``folder`` is left as it was.
     """
     folder = Path(folder)
     with locked(folder):
-        check_free(folder, overwrite, flag)
+        check_free(folder, overwrite, fix)
         _remove_stale(folder)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{PARTIAL}", dir=folder.parent))
         try:
             yield tmp
             os.chmod(tmp, 0o777 & ~_umask())
             if is_used(folder):
-                check_free(folder, overwrite, flag)
+                check_free(folder, overwrite, fix)
                 old = Path(tempfile.mkdtemp(prefix=f".{folder.name}{OLD}", dir=folder.parent))
                 os.replace(folder, old / folder.name)
                 os.replace(tmp, folder)

@@ -25,7 +25,7 @@ from hiddenlens.studies import intention as intention_study
 from hiddenlens.studies import truth as truth_study
 
 from . import attention, lens, results, truthview
-from .modelstore import ModelKey, get_model
+from .modelstore import ModelKey, get_model, runs_dir
 
 MAX_PROMPT_CHARS = 2000
 
@@ -131,11 +131,13 @@ def regime_tables(path: str) -> dict[str, pd.DataFrame]:
 
 
 def read_study_run(path: str, result_type):
-    """``result_type.read(path)`` (a study's ``Result``), its errors as :class:`results.ResultsError`."""
-    if not str(path).strip():
-        raise results.ResultsError("no folder given")
+    """``result_type.read(path)`` (a study's ``Result``) of a run folder under the runs root that holds no
+    symbolic link (:func:`results.safe_run_folder`, :func:`results.check_no_links`), its errors as
+    :class:`results.ResultsError`."""
+    folder = results.safe_run_folder(runs_dir(), path)
+    results.check_no_links(folder)
     try:
-        return result_type.read(Path(str(path).strip()).expanduser())
+        return result_type.read(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise results.ResultsError(ui_text(exc)) from exc
 
@@ -208,21 +210,25 @@ def iteration(key: ModelKey, prompt: str, decider: str = "entropy", threshold: f
 
 
 def _folder_signature(path: Path) -> tuple:
+    """(name, mtime, size) of every entry, links not followed."""
     try:
-        return tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.iterdir()))
+        return tuple(sorted((f.name, s.st_mtime_ns, s.st_size) for f in path.iterdir() for s in [f.lstat()]))
     except OSError:
         return ()
 
 
 @st.cache_resource(max_entries=8, show_spinner="Reading the results folder...")
-def _open_results(path: str, signature: tuple) -> results.Results:
-    return results.open_results(path)
+def _open_results(root: str, folder: str, signature: tuple) -> results.Results:
+    return results.open_results(root, folder)
 
 
-def open_results(path: str) -> results.Results:
-    """The results folder at ``path`` (re-read when a file in it changes); raises :class:`results.ResultsError`."""
-    p = Path(path.strip()).expanduser() if path.strip() else Path("")
-    return _open_results(path, _folder_signature(p) if p.is_dir() else ())
+def open_results(path: str, root: str | None = None) -> results.Results:
+    """The run folder at ``path``, which must lie under the runs ``root`` (default: the dashboard's,
+    ``--runs`` / ``$HIDDENLENS_RUNS_DIR``; see :func:`results.safe_run_folder`), re-read when a file in it
+    changes; raises :class:`results.ResultsError`."""
+    root = runs_dir() if root is None else root
+    folder = results.safe_run_folder(root, path)
+    return _open_results(root, str(folder), _folder_signature(folder))
 
 
 find_runs = results.find_runs

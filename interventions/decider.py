@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from hiddenlens.common.files import atomic_path, write_json
+from hiddenlens.common.files import write_json
+from hiddenlens.common.folders import committed_folder
 from hiddenlens.common.stats import auroc, entropy
 from hiddenlens.interventions.iterate import DEFAULT_TOPK, DeciderInput, first_pass, hidden_state_site
 from hiddenlens.models.tiny import offline_prose
@@ -224,13 +225,13 @@ def train_mlp_decider(features: torch.Tensor, labels: torch.Tensor, config: MLPD
     return model
 
 
-def save_decider(model: MLPDecider, folder: str | Path) -> Path:
-    """Write ``decider.safetensors`` and ``decider.json`` (atomically) into ``folder``."""
+def save_decider(model: MLPDecider, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write ``decider.safetensors`` and ``decider.json`` into ``folder`` as one commit (a used folder is refused
+    unless ``overwrite``, which replaces it whole, so the two files always belong together)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "decider.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    write_json(folder / "decider.json", asdict(model.config))
+    with committed_folder(folder, overwrite, fix="pass overwrite=True (--overwrite) to replace it") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "decider.safetensors"))
+        write_json(tmp / "decider.json", asdict(model.config))
     return folder
 
 

@@ -24,6 +24,13 @@ a time):
 
 Every run reports the per-token L2 norm of what it changed (``added_norm``, aligned with ``sequences``), so a
 steering that changed nothing is visible; a direction whose site never ran raises an error.
+
+Inputs are checked before anything runs (:func:`check_request`): a finite alpha; directions whose site, head and
+width exist in this model (a :class:`Direction` is itself a finite unit vector with sigma > 0); an added vector
+whose norm ``|alpha| * sigma`` (summed per site) and its square fit the model's dtype; options the mode does not
+use are errors, not ignored. Generation then checks every step's logits and raises
+:class:`~hiddenlens.common.errors.NonFiniteError` on NaN/+Inf (the edit overflowed inside the model) instead of
+returning text.
 """
 from __future__ import annotations
 
@@ -33,8 +40,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from hiddenlens.common.errors import NonFiniteError
 from hiddenlens.probes.capture import capture
-from hiddenlens.probes.direction import Direction
+from hiddenlens.probes.direction import Direction, DirectionError
 from hiddenlens.probes.edit import Add, Edit, EditNotAppliedError
 from hiddenlens.probes.sites import HEAD_SITES, resolve_sites
 
@@ -46,35 +54,56 @@ _WIDTH = {"embed": "d_model", "resid_pre": "d_model", "resid_mid": "d_model", "r
           "attn.z": "head_dim"}
 
 SteeringNotAppliedError = EditNotAppliedError
+#: the statistics of the norm layer after an edit (RMSNorm's mean of squares) are computed in at least float32
+_STATS_DTYPE = torch.float32
 
 
 def check_directions(handle, directions: Sequence[Direction]) -> None:
-    """Fail loudly on directions this model cannot take (unknown site, wrong head, width, dtype, NaN)."""
+    """Fail loudly on directions this model cannot take (not a Direction, unknown site, wrong head or width, a
+    field changed since construction)."""
     a = handle.adapter
     if not directions:
         raise ValueError("no directions given: pass at least one Direction (hiddenlens.probes.direction)")
     for d in directions:
-        site = resolve_sites(d.site, a.n_layers, a.unavailable)[0]
+        if not isinstance(d, Direction):
+            raise DirectionError(f"expected Direction objects, got {type(d).__name__} (load one with load_directions)")
+        d.check()
+        try:
+            site = resolve_sites(d.site, a.n_layers, a.unavailable)[0]
+        except ValueError as exc:
+            raise type(exc)(f"{d.name}: {exc} (was it fitted on another model? it says model={d.model!r})") from None
         if site.kind not in _WIDTH:
             raise ValueError(f"{d.name}: {site.name} cannot be steered (attention weights are not a vector space "
                              "to add to); steer a residual, MLP or per-head site")
         width = getattr(a, _WIDTH[site.kind])
-        if d.vector.ndim != 1 or d.vector.numel() != width:
+        if d.vector.numel() != width:
             raise ValueError(f"{d.name}: vector has shape {tuple(d.vector.shape)}, {site.name} needs [{width}] "
                              f"(was it fitted on another model? it says model={d.model!r})")
-        if not d.vector.is_floating_point():
-            raise ValueError(f"{d.name}: vector dtype {d.vector.dtype} is not floating point")
         if site.kind in HEAD_SITES:
             n = a.n_kv_heads if site.kind in ("attn.k", "attn.v") else a.n_heads
             if not 0 <= d.head < n:
                 raise ValueError(f"{d.name}: head {d.head} out of range; {site.name} has heads 0..{n - 1}")
-        if not torch.isfinite(d.vector).all() or not math.isfinite(d.sigma):
-            raise ValueError(f"{d.name}: vector or sigma holds NaN/Inf")
+
+
+def check_alpha(alpha) -> float:
+    """``alpha`` as a finite float (a bool, a string, NaN or Inf is an error)."""
+    try:
+        if isinstance(alpha, (bool, str, bytes)):
+            raise TypeError
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha={alpha!r} is not a number") from None
+    if not math.isfinite(value):
+        raise NonFiniteError(f"alpha={alpha} is not finite; give a finite number (the edit is alpha * sigma * u)")
+    return value
 
 
 def steering_vectors(handle, directions: Sequence[Direction], alpha: float) -> dict[str, torch.Tensor]:
     """``{site: vector}`` to add: ``alpha * sigma * u`` summed per site, in the site's canonical layout
-    (``[d]``, or ``[heads, 1, head_dim]`` with zeros on the heads no direction names), model dtype."""
+    (``[d]``, or ``[heads, 1, head_dim]`` with zeros on the heads no direction names), model dtype.
+
+    Raises :class:`NonFiniteError` when a vector's norm, or its square (which the next norm layer computes), does
+    not fit the model's dtype, naming the largest alpha that does."""
     a = handle.adapter
     out: dict[str, torch.Tensor] = {}
     for d in directions:
@@ -86,15 +115,31 @@ def steering_vectors(handle, directions: Sequence[Direction], alpha: float) -> d
             full[d.head, 0] += vec
         else:
             out[site.name] = out.get(site.name, torch.zeros_like(vec)) + vec
+    for name, v in out.items():
+        _check_fits(float(v.norm()), alpha, name, handle.dtype)
     return {k: v.to(device=handle.device, dtype=handle.dtype) for k, v in out.items()}
+
+
+def _check_fits(norm: float, alpha: float, site: str, dtype: torch.dtype) -> None:
+    """``norm`` (float64) of the vector added at ``site`` must be finite in ``dtype`` and its square finite in the
+    norm layer's statistics dtype."""
+    stats = dtype if torch.finfo(dtype).bits >= 32 else _STATS_DTYPE
+    limit = min(torch.finfo(dtype).max, math.sqrt(torch.finfo(stats).max))
+    if math.isfinite(norm) and norm <= limit:
+        return
+    largest = abs(alpha) * limit / norm if norm > 0 and math.isfinite(norm) else 0.0
+    raise NonFiniteError(f"alpha={alpha}: the vector added at {site} would have norm {norm:.3g}, but {dtype} (and "
+                         f"the next norm layer, which squares it) holds norms up to {limit:.3g}; lower |alpha| below "
+                         f"{largest:.3g}")
 
 
 class Steering(Edit):
     """Context manager that adds ``alpha * sigma * u`` for each direction while the block runs (an :class:`Edit`).
 
     Works with ``handle.generate`` / ``handle.run`` / direct calls of the model on every backend. ``prompt_length``
-    fixes P for teacher-forced runs (default: the width of each run's first forward). For ``mode="conditional"``
-    the edits are off until :attr:`start` is set (by :func:`steer_generate`).
+    fixes P for teacher-forced runs in modes ``prompt`` / ``generated`` (default: the width of each run's first
+    forward; other modes take none). For ``mode="conditional"`` the edits are off until :attr:`start` is set (by
+    :func:`steer_generate`).
 
     After the block, ``changes[run][site]`` holds ``[batch, positions]``: the L2 norm of what was added at each
     absolute position; :meth:`added_norm` combines the sites.
@@ -102,18 +147,19 @@ class Steering(Edit):
 
     def __init__(self, handle, directions: Sequence[Direction], alpha: float, mode: str = "generated",
                  prompt_length: int | None = None):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-        if not math.isfinite(float(alpha)):
-            raise ValueError(f"alpha={alpha} is not finite")
+        _check_mode(mode)
+        if prompt_length is not None:
+            if mode not in ("prompt", "generated"):
+                raise ValueError(f"prompt_length= only applies to modes 'prompt' and 'generated' (mode={mode!r})")
+            if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or prompt_length < 1:
+                raise ValueError(f"prompt_length={prompt_length!r}: a number of positions >= 1")
+        alpha = check_alpha(alpha)
         directions = [directions] if isinstance(directions, Direction) else list(directions)
         check_directions(handle, directions)
-        vectors = steering_vectors(handle, directions, float(alpha))
-        if not all(torch.isfinite(v).all() for v in vectors.values()):
-            raise ValueError(f"alpha={alpha} x sigma overflows {handle.dtype}: the added vector is not finite")
+        vectors = steering_vectors(handle, directions, alpha)
         super().__init__(handle, {site: Add(v) for site, v in vectors.items()}, positions=slice(0, 0),
                          require_applied=False)
-        self.alpha, self.mode, self.prompt_length = float(alpha), mode, prompt_length
+        self.alpha, self.mode, self.prompt_length = alpha, mode, prompt_length
         self.start: int | None = None  # conditional: first steered position once the detector fired
 
     def begin_forward(self, offset: int, attention_mask: torch.Tensor | None = None,
@@ -170,51 +216,138 @@ def _fit(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, width - t.shape[1]))[:, :width]
 
 
+def _check_mode(mode) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+
+
+@dataclass
+class SteerRequest:
+    """The checked arguments of :func:`steer_generate` (``detector`` and ``threshold`` set in conditional mode)."""
+
+    directions: list[Direction]
+    alpha: float
+    mode: str
+    detector: Direction | None = None
+    threshold: float | None = None
+
+
+def check_request(handle, directions, alpha, mode: str = "generated", max_new_tokens: int = 32,
+                  detector: Direction | None = None, threshold: float | None = None, streamer=None,
+                  on_event=None, generate_kwargs: dict | None = None) -> SteerRequest:
+    """Every check :func:`steer_generate` makes before generating (callers that print first run it first):
+    mode, options the mode does not use (errors, not ignored), alpha, the directions against this model, the
+    added vectors against the model's dtype, ``max_new_tokens`` and, in conditional mode, the detector and a
+    threshold in [0, 1] (default 0.5)."""
+    _check_mode(mode)
+    if mode == "conditional":
+        unused = ["streamer="] * (streamer is not None) + [f"{k}=" for k in generate_kwargs or {}]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} do(es) not apply to mode='conditional' (it decodes greedily in "
+                             "its own loop); drop it, or use on_event= to follow its tokens")
+    else:
+        unused = [k for k, v in (("detector=", detector), ("threshold=", threshold), ("on_event=", on_event))
+                  if v is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} only appl{'ies' if len(unused) == 1 else 'y'} to "
+                             f"mode='conditional' (mode={mode!r}); drop it or use mode='conditional'")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: generate at least one token")
+    alpha = check_alpha(alpha)
+    directions = [directions] if isinstance(directions, Direction) else list(directions)
+    check_directions(handle, directions)
+    steering_vectors(handle, directions, alpha)
+    if mode != "conditional":
+        return SteerRequest(directions, alpha, mode)
+    detector = detector if detector is not None else directions[0]
+    check_directions(handle, [detector])
+    return SteerRequest(directions, alpha, mode, detector, _check_threshold(0.5 if threshold is None else threshold))
+
+
+def _check_threshold(threshold) -> float:
+    try:
+        if isinstance(threshold, (bool, str, bytes)):
+            raise TypeError
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold={threshold!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"threshold={threshold}: the detector flags a token when p_true < threshold, so it must be "
+                         "a probability in [0, 1]")
+    return value
+
+
 def steer_generate(handle, prompts, directions: Sequence[Direction], alpha: float, mode: str = "generated",
                    max_new_tokens: int = 32, add_bos: bool | None = None, detector: Direction | None = None,
-                   threshold: float = 0.5, streamer=None, on_event: Callable[[str, dict], None] | None = None,
+                   threshold: float | None = None, streamer=None, on_event: Callable[[str, dict], None] | None = None,
                    **generate_kwargs) -> SteerOutput:
     """Greedy generation with steering. Modes ``all`` / ``prompt`` / ``generated`` run ``handle.generate`` (one
     left-padded batch, any backend) inside :class:`Steering`; ``conditional`` decodes each prompt with its own
     KV-cache loop on ``handle.hf_model`` (the transformers modules every backend runs or shares weights with,
-    through an ``hf`` handle over them) and ``detector`` (default: the first direction) as the per-token detector.
-    ``on_event(kind, info)`` receives ``"token"`` (a checked token's text) and ``"rollback"`` events in conditional
-    mode; ``streamer`` goes to ``handle.generate`` otherwise. Options that a mode ignores are errors.
+    through an ``hf`` handle over them) with ``detector`` (default: the first direction) as the per-token detector
+    and ``threshold`` (default 0.5). ``on_event(kind, info)`` receives ``"token"`` (a checked token's text) and
+    ``"rollback"`` events in conditional mode; ``streamer`` and ``generate_kwargs`` go to ``handle.generate``
+    otherwise. Options that a mode ignores are errors (:func:`check_request`).
+
+    Raises :class:`NonFiniteError` (naming the new token) when a step's logits hold NaN or +Inf: the edit
+    overflowed the model's dtype, and no text is returned.
     """
-    directions = [directions] if isinstance(directions, Direction) else list(directions)
-    if mode != "conditional" and (detector is not None or on_event is not None):
-        raise ValueError(f"detector= and on_event= apply to mode='conditional' only (mode={mode!r})")
-    if mode == "conditional" and streamer is not None:
-        raise ValueError("streamer= does not apply to mode='conditional'; use on_event= to follow its tokens")
-    if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
-        raise ValueError(f"threshold={threshold}: a probability in [0, 1]")
+    req = check_request(handle, directions, alpha, mode, max_new_tokens, detector, threshold, streamer, on_event,
+                        generate_kwargs)
     if mode == "conditional":
-        return _conditional(handle, prompts, directions, alpha, max_new_tokens, add_bos,
-                            detector or directions[0], threshold, on_event)
-    with Steering(handle, directions, alpha, mode) as steer:
+        return _conditional(handle, prompts, req, max_new_tokens, add_bos, on_event)
+    guard = _logits_guard(req, handle.dtype)
+    user = generate_kwargs.pop("logits_processor", None) or []
+    with Steering(handle, req.directions, req.alpha, mode) as steer:
         gen = handle.generate(prompts, max_new_tokens=max_new_tokens, add_bos=add_bos, streamer=streamer,
-                              **generate_kwargs)
+                              logits_processor=type(guard).list_type([*user, guard]), **generate_kwargs)
     width = gen.sequences.shape[1]
     per_site = {k: _fit(v, width) for k, v in steer.changes.get(0, {}).items()}
     added = _fit(steer.added_norm(0), width) if per_site else torch.zeros(gen.sequences.shape)
-    return SteerOutput(gen.sequences, gen.prompt_length, gen.texts, added, per_site, mode, float(alpha))
+    return SteerOutput(gen.sequences, gen.prompt_length, gen.texts, added, per_site, mode, req.alpha)
 
 
-def _conditional(handle, prompts, directions, alpha, max_new_tokens, add_bos, detector: Direction, threshold,
-                 on_event) -> SteerOutput:
-    check_directions(handle, [detector])
+def check_logits(logits: torch.Tensor, step: int, req: SteerRequest, dtype: torch.dtype) -> None:
+    """Raise :class:`NonFiniteError` when one step's logits ``[..., vocab]`` hold NaN or +Inf, or a row holds no
+    finite entry (a -Inf alone is a token masked on purpose, e.g. by ``min_new_tokens``)."""
+    bad = torch.isnan(logits).any() | torch.isposinf(logits).any() | ~torch.isfinite(logits).any(-1).all()
+    if bool(bad):
+        raise NonFiniteError(f"steered generation produced NaN/Inf logits at new token {step} (mode {req.mode!r}, "
+                             f"alpha {req.alpha}): the edit overflowed {dtype} inside the model; lower alpha (or "
+                             "load the model in float32)")
+
+
+def _logits_guard(req: SteerRequest, dtype: torch.dtype):
+    """A transformers ``LogitsProcessor`` that runs :func:`check_logits` on every step of ``generate``."""
+    # transformers is heavy to import: only when steered generation runs
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FiniteLogits(LogitsProcessor):
+        list_type = LogitsProcessorList
+
+        def __init__(self):
+            self.prompt_width: int | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.prompt_width = self.prompt_width or input_ids.shape[1]
+            check_logits(scores, input_ids.shape[1] - self.prompt_width, req, dtype)
+            return scores
+
+    return FiniteLogits()
+
+
+def _conditional(handle, prompts, req: SteerRequest, max_new_tokens, add_bos, on_event) -> SteerOutput:
     view = handle.with_backend("hf")
     batch = view.tokenize(prompts, add_bos=add_bos)
     eos = handle.hf_model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or []))
-    site = detector.site
+    site = req.detector.site
     rows, norms, sites, rollbacks, scores = [], [], [], [], []
     for j in range(batch.input_ids.shape[0]):
         ids = batch.input_ids[j][batch.attention_mask[j].bool()].tolist()
-        with Steering(view, directions, alpha, "conditional") as steer, \
+        with Steering(view, req.directions, req.alpha, "conditional") as steer, \
                 capture(view, [site], positions="last") as cache:
-            seq, flagged, p_list = _decode_one(view, steer, cache, site, detector, ids, max_new_tokens, eos,
-                                               threshold, on_event)
+            seq, flagged, p_list = _decode_one(view, steer, cache, req, ids, max_new_tokens, eos, on_event)
         rows.append(seq)
         changes = steer.changes.get(0, {})
         norms.append(steer.added_norm(0)[0] if changes else torch.zeros(0))
@@ -239,18 +372,20 @@ def _conditional(handle, prompts, directions, alpha, max_new_tokens, add_bos, de
         if rollbacks[j] is not None:
             rollbacks[j] += shift
     texts = [handle.tokenizer.decode(r[p:], skip_special_tokens=True) for r, p in zip(rows, n_prompt)]
-    return SteerOutput(seqs.to(handle.device), P, texts, added, per_site, "conditional", float(alpha), rollbacks,
+    return SteerOutput(seqs.to(handle.device), P, texts, added, per_site, "conditional", req.alpha, rollbacks,
                        scores)
 
 
-def _decode_one(view, steer: Steering, cache, site, detector, ids, max_new_tokens, eos, threshold, on_event):
-    """Greedy KV-cache decoding of one unpadded prompt with detect-then-rollback (see the module docstring)."""
+def _decode_one(view, steer: Steering, cache, req: SteerRequest, ids, max_new_tokens, eos, on_event):
+    """Greedy KV-cache decoding of one unpadded prompt with detect-then-rollback (see the module docstring);
+    every step's logits are checked (:func:`check_logits`) before a token is chosen from them."""
     # transformers is heavy to import: only when conditional decoding runs
     from transformers import DynamicCache
 
     model = view.hf_model
     kv = DynamicCache(config=model.config)
     device = view.device
+    detector, site, threshold = req.detector, req.detector.site, req.threshold
 
     def feed(tokens: list[int], start: int) -> torch.Tensor:
         inp = torch.tensor([tokens], device=device)
@@ -266,6 +401,7 @@ def _decode_one(view, steer: Steering, cache, site, detector, ids, max_new_token
     logits = feed(seq, 0)
     flagged, p_list, n_new = None, [], 0
     while n_new < max_new_tokens:
+        check_logits(logits, n_new, req, view.dtype)
         tok = int(logits.argmax())
         seq.append(tok)
         n_new += 1

@@ -14,11 +14,13 @@ directory loader registered below). The task is :mod:`hiddenlens.models.bb_task`
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from hiddenlens.common.errors import DamagedFileError
 from hiddenlens.common.files import atomic_path, write_json, write_text
 
 from .attention_functions import additive_mask, register_pattern_function
@@ -82,15 +84,46 @@ class BBConfig:
     checkpoint_every: int = 0  # 0: only the final checkpoint (when an output folder is given)
 
     def __post_init__(self):
+        """Validate every field: one line naming the field (and its ``hiddenlens bb train`` option) and the fix."""
+        for name in ("d_model", "n_layers", "seq_length", "k", "batch_size", "steps"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("checkpoint_every", self.checkpoint_every, 0)
+        _check_int("seed", self.seed, None)
         if self.attention not in ("softmax", "relu"):
-            raise ValueError(f"attention={self.attention!r}: use 'softmax' or 'relu'")
+            raise ValueError(f"attention={self.attention!r} (--attention): use 'softmax' or 'relu'")
         if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer={self.optimizer!r}: use 'adamw' or 'sgd'")
-        if not 1 <= self.n_layers <= 12:
-            raise ValueError(f"n_layers={self.n_layers}: use 1 to 12 (the paper uses 1 to 3)")
-        for name in ("d_model", "seq_length", "batch_size", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            raise ValueError(f"optimizer={self.optimizer!r} (--optimizer): use 'adamw' or 'sgd'")
+        if self.n_layers > 12:
+            raise ValueError(f"n_layers={self.n_layers} (--layers): use 1 to 12 (the paper uses 1 to 3)")
+        _check_float("lr", self.lr, low=0.0, low_open=True)
+        _check_float("weight_decay", self.weight_decay, low=0.0)
+        _check_float("momentum", self.momentum, low=0.0, high=1.0)
+
+
+#: fields whose ``hiddenlens bb train`` option is not ``--field-name`` (None: no option)
+_OPTIONS = {"n_layers": "--layers", "momentum": None}
+
+
+def _option(name: str) -> str:
+    """`` (--option)`` naming the ``hiddenlens bb train`` option of a config field, or nothing."""
+    opt = _OPTIONS.get(name, "--" + name.replace("_", "-"))
+    return f" ({opt})" if opt else ""
+
+
+def _check_int(name: str, value, low: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r}{_option(name)}: must be an integer")
+    if low is not None and value < low:
+        raise ValueError(f"{name}={value}{_option(name)}: must be at least {low}")
+
+
+def _check_float(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
+    """A finite number with ``low <= value`` (``<`` when ``low_open``) and ``value < high`` (when given)."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (high is None or value < high))
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+        raise ValueError(f"{name}={value!r}{_option(name)}: must be a finite number {bound}")
 
 
 def build_model(cfg: BBConfig, vocab_size: int, bos_id: int):
@@ -165,7 +198,11 @@ def load_directory(path: str | Path, dtype: torch.dtype = torch.float32):
         _register_relu_attention()
     config = GPT2Config.from_json_file(str(path / "config.json"))
     model = GPT2LMHeadModel(config)
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    try:
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    except RuntimeError as exc:  # missing / unexpected / mis-shaped tensors: config.json and weights disagree
+        raise DamagedFileError(f"{path}: config.json and model.safetensors disagree ({str(exc).splitlines()[0]}); "
+                               "re-save the checkpoint with `hiddenlens bb train`") from exc
     model.config._attn_implementation = RELU_ATTENTION if meta["attention"] == "relu" else "eager"
     return model.to(dtype).eval(), build_tokenizer(meta["chars"])
 

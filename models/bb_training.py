@@ -18,6 +18,8 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from hiddenlens.common.folders import committed_folder
+
 from .bb_model import BBConfig, build_model, save_checkpoint
 from .bb_task import BBGenerator, BBStatistics, build_tokenizer, task_losses
 
@@ -68,18 +70,32 @@ def _optimizer(cfg: BBConfig, params):
 
 
 def train(cfg: BBConfig, out_dir: str | Path | None = None, stats: BBStatistics | None = None,
-          eval_every: int = 0, evaluate: Evaluator | None = None, progress: bool = False) -> TrainResult:
+          eval_every: int = 0, evaluate: Evaluator | None = None, progress: bool = False,
+          overwrite: bool = False) -> TrainResult:
     """Train one BB model.
 
     Args:
         cfg: the run (see :class:`~hiddenlens.models.bb_model.BBConfig`).
         out_dir: where checkpoints go (``step_000000`` ... every ``cfg.checkpoint_every`` steps, plus the last
-            step); None keeps the model in memory only.
+            step); None keeps the model in memory only. The folder is written as one commit (a hidden temporary
+            folder renamed into place at the end, under the folder's lock); a used folder is refused unless
+            ``overwrite``, which replaces it whole, so checkpoints of two runs never mix.
         stats: character statistics (default: ``pydoc_data.topics``).
         eval_every: also evaluate every this many steps (0: only at the last step).
         evaluate: the history row of an evaluation (default: :func:`loss_evaluator`).
         progress: a tqdm bar over steps.
     """
+    if out_dir is None:
+        return _train(cfg, None, stats, eval_every, evaluate, progress)
+    out_dir = Path(out_dir)
+    with committed_folder(out_dir, overwrite, fix="pass overwrite=True (--overwrite) to replace it") as tmp:
+        res = _train(cfg, tmp, stats, eval_every, evaluate, progress)
+    res.checkpoints = [out_dir / p.name for p in res.checkpoints]
+    return res
+
+
+def _train(cfg: BBConfig, out_dir: Path | None, stats: BBStatistics | None, eval_every: int,
+           evaluate: Evaluator | None, progress: bool) -> TrainResult:
     gen = BBGenerator(stats, k=cfg.k, seq_length=cfg.seq_length)
     model = build_model(cfg, gen.vocab_size, gen.bos_id)
     tok = build_tokenizer(gen.stats.chars)
@@ -96,7 +112,7 @@ def train(cfg: BBConfig, out_dir: str | Path | None = None, stats: BBStatistics 
         if step in eval_steps:
             history.append({"step": step} | evaluate(model, tok, gen))
         if out_dir is not None and step in ckpt_steps:
-            ckpts.append(save_checkpoint(model, gen, cfg, Path(out_dir) / f"step_{step:06d}", step))
+            ckpts.append(save_checkpoint(model, gen, cfg, out_dir / f"step_{step:06d}", step))
 
     start = time.perf_counter()
     steps = range(1, cfg.steps + 1)

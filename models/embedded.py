@@ -53,8 +53,9 @@ def ensure_converted(progress: bool = True) -> Path:
     if progress:
         print(f"hiddenlens: first use of the embedded model: converting {src.name} to fp32 safetensors "
               f"in {out} (about 30 s, once)", flush=True)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype="float32")
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype="float32",
+                                                 trust_remote_code=False)
     # transformers refuses to save a quantizer-loaded model; the weights are already dequantized to fp32.
     model.hf_quantizer = None
     model.config.quantization_config = None

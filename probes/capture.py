@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .block import Block
-from .positions import Positions, check_positions, select
+from .positions import PositionRange, Positions, check_positions, select
 from .reducers import RunningStats
 from .sites import Site, resolve_sites
 
@@ -183,6 +183,7 @@ class Capture(Block):
         self.grad, self.check_finite, self.require_all = grad, check_finite, require_all
         self.cache = ActivationCache(self.sites, handle.adapter.n_layers)
         self.cache.row_ids = self.row_ids
+        self._range = PositionRange()
         self._grad_ctx = None
 
     def on_new_run(self, attention_mask: torch.Tensor | None) -> None:
@@ -199,6 +200,7 @@ class Capture(Block):
                                  f"[batch, pos] = {(t.shape[0], length)}")
             moved = t.movedim(axis, 1) if axis != 1 else t
             return moved[pos.to(t.device)], None
+        self._range.note(pos, max(self.run, 0), self.offset, t.shape[axis])
         local, absolute = select(pos, self.offset, t.shape[axis])
         if local is None:
             return t, absolute
@@ -249,6 +251,8 @@ class Capture(Block):
             self.close()
         finally:
             self._grad_ctx.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            self._range.verify(self.positions)
         if exc_type is None and self.require_all:
             self.verify()
         return False

@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 import torch
 
 from .block import Block
-from .positions import Positions, check_positions, select
+from .positions import PositionRange, Positions, check_positions, select
 from .sites import HEAD_SITES, Site, resolve_sites
 
 
@@ -226,6 +226,7 @@ class Edit(Block):
                 raise ValueError(f"heads {bad or self.heads}: this model has heads 0..{n - 1}")
         self.require_applied = require_applied
         self.grad = grad
+        self._range = PositionRange()
         self.fired: dict[str, int] = {s.name: 0 for s in ops}
         self.selected: dict[str, int] = {s.name: 0 for s in ops}
         #: run -> site name -> [batch, positions] float32: L2 norm of the change at each absolute position
@@ -235,6 +236,7 @@ class Edit(Block):
         """Edit one forward's canonical ``value`` of ``site``; returns the new tensor (None: nothing selected)."""
         self.fired[site.name] += 1
         axis = 2 if site.per_head else 1
+        self._range.note(self.positions, max(self.run, 0), self.offset, value.shape[axis])
         local, absolute = select(self.positions, self.offset, value.shape[axis])
         heads = self.heads
         if heads is not None and site.kind in ("attn.k", "attn.v"):
@@ -313,6 +315,7 @@ class Edit(Block):
                 raise EditNotAppliedError(f"edited sites never ran: {', '.join(silent)}; run the model inside the "
                                           "block (logits=False stops after the last site needed)")
             if self.require_applied:
+                self._range.verify(self.positions)
                 empty = [n for n, c in self.selected.items() if c == 0]
                 if empty:
                     raise EditNotAppliedError(f"positions={self.positions!r} selected no entry of {', '.join(empty)}"

@@ -6,6 +6,10 @@ backend object (:mod:`hiddenlens.probes.backends`), so consumers never depend on
 ``handle.run(..., logits=False)`` stops after the last block any open read or edit needs (TransformerLens's
 ``stop_at_layer``, nnsight's ``stop()``): capturing layer 12 of 30 costs about 13/30 of a forward.
 
+Inputs are checked before any forward: token ids must lie in ``0..vocab_size-1`` (:class:`TokenIdError`), a prompt
+(plus ``max_new_tokens`` under ``generate``) must fit the model's context, ``max_position_embeddings`` /
+``n_positions`` (:class:`ContextLengthError`), and ``batch_size`` must be positive.
+
 BOS handling is explicit: ``add_bos=True`` prepends ``tokenizer.bos_token_id`` unless the sequence already starts
 with it, ``False`` never adds it, ``None`` (the default) keeps the tokenizer's own behaviour. The embedded
 SmolLM2 tokenizer adds no BOS (its ``bos_token`` is ``<|im_start|>``, id 1), so attention-sink analyses pass
@@ -14,12 +18,14 @@ SmolLM2 tokenizer adds no BOS (its ``bos_token`` is ``<|im_start|>``, id 1), so 
 from __future__ import annotations
 
 import gc
+import operator
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from hiddenlens.common.errors import UserError
 from hiddenlens.models.adapter import ArchitectureAdapter
 from hiddenlens.models.loading import LoadedModel, load_parts, share_weights_clone
 
@@ -29,6 +35,14 @@ from .capture import ActivationCache, capture
 from .sites import all_site_names
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
+
+
+class ContextLengthError(UserError, ValueError):
+    """A prompt (plus the tokens to generate) is longer than the model's context (its position table)."""
+
+
+class TokenIdError(UserError, ValueError):
+    """A token id given as input is not an id of the model's vocabulary."""
 
 
 @dataclass
@@ -112,6 +126,21 @@ class ModelHandle:
     def n_layers(self) -> int:
         return self.adapter.n_layers
 
+    @property
+    def max_positions(self) -> int | None:
+        """The model's context length (``max_position_embeddings`` / ``n_positions`` of its config; None: none)."""
+        cfg = self.hf_model.config
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: valid token ids are ``0..vocab_size-1``."""
+        return int(self.hf_model.get_input_embeddings().weight.shape[0])
+
     def site_names(self) -> list[str]:
         """Every capturable (and editable) site of this model (architectures without resid_mid omit it)."""
         return [s for s in all_site_names(self.n_layers)
@@ -126,6 +155,9 @@ class ModelHandle:
     def tokenize(self, prompts: Prompts, add_bos: bool | None = None) -> Batch:
         """Strings or token-id lists -> a left-padded :class:`Batch` on the model's device."""
         if isinstance(prompts, torch.Tensor):
+            if prompts.ndim not in (1, 2) or prompts.is_floating_point() or prompts.dtype == torch.bool:
+                raise TokenIdError(f"token ids as a tensor must be a 1-D or [batch, pos] integer tensor, got shape "
+                                   f"{tuple(prompts.shape)} of {prompts.dtype}")
             ids = prompts if prompts.ndim == 2 else prompts[None]
             rows = [r.tolist() for r in ids]
         else:
@@ -133,10 +165,13 @@ class ModelHandle:
                 prompts = [prompts]
             if len(prompts) == 0:
                 raise ValueError("no prompts given: pass at least one string or token-id list")
-            if isinstance(prompts[0], str):
+            if all(isinstance(p, str) for p in prompts):
                 rows = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
             else:
-                rows = [list(map(int, r)) for r in prompts]
+                rows = [_id_row(r) for r in prompts]
+        if not rows:
+            raise ValueError("no prompts given: the tensor of token ids has no rows")
+        self._check_ids(rows)
         bos = self.tokenizer.bos_token_id
         if add_bos:
             if bos is None:
@@ -155,8 +190,38 @@ class ModelHandle:
             mask[j, width - len(r):] = 1
         return Batch(ids.to(self.device), mask.to(self.device))
 
-    def _batches(self, prompts: Prompts, batch_size: int | None, add_bos, sort_by_length: bool):
+    def _check_ids(self, rows: list[list[int]]) -> None:
+        """Raise :class:`TokenIdError` naming the first id outside ``0..vocab_size-1``."""
+        vocab = self.vocab_size
+        for j, r in enumerate(rows):
+            bad = [i for i in r if not 0 <= i < vocab]
+            if bad:
+                raise TokenIdError(f"token id {bad[0]} (prompt {j}) is not in this model's vocabulary of {vocab} "
+                                   f"ids (valid ids 0..{vocab - 1}); pass ids from {self.spec}'s tokenizer")
+
+    def _check_length(self, batch: Batch, new_tokens: int = 0) -> None:
+        """Raise :class:`ContextLengthError` when a prompt (plus ``new_tokens`` to generate) exceeds the model's
+        context: positions past it are untrained (RoPE) or do not exist (learned positions)."""
+        limit = self.max_positions
+        if limit is None:
+            return
+        lengths = batch.lengths
+        j = int(lengths.argmax())
+        n = int(lengths[j])
+        if n + new_tokens <= limit:
+            return
+        need = f"{n} tokens + max_new_tokens={new_tokens}" if new_tokens else f"{n} tokens"
+        fix = " or lower max_new_tokens" if new_tokens else ""
+        raise ContextLengthError(f"prompt {j} has {need}, more than {self.spec}'s context of {limit} positions "
+                                 f"(max_position_embeddings); shorten or split the prompt{fix}")
+
+    def _batches(self, prompts: Prompts, batch_size: int | None, add_bos, sort_by_length: bool,
+                 new_tokens: int = 0):
+        if batch_size is not None and not _is_positive_int(batch_size):
+            raise ValueError(f"batch_size={batch_size!r}: use a positive number of prompts per forward (or None: "
+                             "all at once)")
         whole = self.tokenize(prompts, add_bos)
+        self._check_length(whole, new_tokens)
         n = whole.input_ids.shape[0]
         order = list(range(n))
         if sort_by_length:
@@ -220,10 +285,11 @@ class ModelHandle:
                  add_bos: bool | None = None, batch_size: int | None = None, output_scores: bool = False,
                  streamer=None, **kwargs) -> GenerationOutput:
         """Generate with the KV cache (greedy by default). Prompts are left-padded; returns all sequences."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least one token")
+        if not _is_positive_int(max_new_tokens):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: generate at least one token")
         results = []
-        for rows, batch in self._batches(prompts, batch_size, add_bos, sort_by_length=False):
+        for rows, batch in self._batches(prompts, batch_size, add_bos, sort_by_length=False,
+                                         new_tokens=max_new_tokens):
             for b in context.open_blocks(self):
                 b.set_rows(rows)
             seqs, scores = self.backend.generate(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -267,6 +333,24 @@ class ModelHandle:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _is_positive_int(value) -> bool:
+    """An int (numpy ints too, not bools or floats) of at least 1."""
+    return not isinstance(value, bool) and hasattr(value, "__index__") and operator.index(value) >= 1
+
+
+def _id_row(row) -> list[int]:
+    """One prompt given as token ids -> a list of ints (floats, bools and text are refused, not truncated)."""
+    if isinstance(row, str):
+        raise TokenIdError(f"prompts mix text and token ids ({row!r:.80}); pass all strings or all id lists")
+    try:
+        ids = [operator.index(i) for i in row]
+        if any(isinstance(i, bool) for i in row):
+            raise TypeError
+    except (TypeError, ValueError, RuntimeError):
+        raise TokenIdError(f"a prompt given as token ids must be a list of ints, got {row!r:.80}") from None
+    return ids
 
 
 def _assemble_run(outs, ids, masks, order, pad_id) -> RunOutput:

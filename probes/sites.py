@@ -111,44 +111,58 @@ def _canonical_kind(kind: str) -> str:
 
 def parse_layers(spec: str | int | Sequence[int], n_layers: int, what: str = "layers") -> list[int]:
     """The one layer-list parser: ``3``, ``"3,5-7"``, ``"-1"`` (last block), ``"*"``, ``"2--1"`` or a list of ints
-    -> sorted unique block indices in ``0..n_layers-1``.
+    -> sorted unique block indices in ``0..n_layers-1`` (never an empty list).
 
     Layers are **block indices** everywhere in hiddenlens: layer ``l`` is block ``l``, whose output is
     ``blocks.{l}.resid_post``; the embedding is the site ``embed``, never a layer number. Negative indices count
-    from the end (``-1`` = the last block). A reversed range (``"7-3"``) and an empty list are errors, as is any
-    layer outside the model; the message names ``what`` (e.g. the CLI option) and the valid range.
+    from the end (``-1`` = the last block). A reversed range (``"7-3"``), an empty list and anything that selects no
+    block are errors, as is any layer outside the model; the message names ``what`` (e.g. the CLI option) and the
+    valid range.
     """
-    if isinstance(spec, bool):
-        raise ValueError(f"{what}: {spec!r} is not a layer; use an index, a range 'a-b' or a list 'a,b,c'")
-    if isinstance(spec, int):
-        parts = [str(spec)]
-    elif isinstance(spec, str):
-        if spec.strip() == "*":
-            return list(range(n_layers))
-        parts = [p.strip() for p in spec.split(",")]
-    else:
-        parts = [str(int(x)) for x in spec]
-    if not parts or any(p == "" for p in parts):
-        raise ValueError(f"{what}: no layers in {spec!r}; use an index, '*', a range 'a-b' or a list 'a,b,c'")
+    if n_layers < 1:
+        raise ValueError(f"{what}: this model has no blocks, so {spec!r} selects no layer")
+    parts = _layer_parts(spec, what)
+    if parts == ["*"]:
+        return list(range(n_layers))
     layers: set[int] = set()
     for part in parts:
-        m = re.fullmatch(r"(-?\d+)(?:-(-?\d+))?", part)
+        m = re.fullmatch(r"(-?[0-9]+)(?:-(-?[0-9]+))?", part)
         if not m:
             raise ValueError(f"{what}: cannot read {part!r} in {spec!r}: use an index, '*', a range 'a-b' or a "
                              "list 'a,b,c'")
-        ends = []
-        for g in (m.group(1), m.group(2) if m.group(2) is not None else m.group(1)):
-            i = int(g)
-            j = i + n_layers if i < 0 else i
-            if not 0 <= j < n_layers:
-                raise ValueError(f"{what}: layer {i} in {spec!r} is out of range: this model has {n_layers} blocks "
-                                 f"(valid layers 0..{n_layers - 1}, or -{n_layers}..-1 from the end)")
-            ends.append(j)
-        if ends[1] < ends[0]:
+        low, high = (_block_index(g, spec, n_layers, what) for g in (m.group(1), m.group(2) or m.group(1)))
+        if high < low:
             raise ValueError(f"{what}: the range {part!r} in {spec!r} is reversed; write it low-high, e.g. "
-                             f"'{ends[1]}-{ends[0]}'")
-        layers.update(range(ends[0], ends[1] + 1))
+                             f"'{high}-{low}'")
+        layers.update(range(low, high + 1))
     return sorted(layers)
+
+
+def _layer_parts(spec, what: str) -> list[str]:
+    """The comma-separated pieces of a layer spec (``["*"]`` for every block); raises on an empty piece."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, str, list, tuple, range)):
+        raise ValueError(f"{what}: {spec!r} is not a layer; use an index, a range 'a-b' or a list 'a,b,c'")
+    if isinstance(spec, int):
+        return [str(spec)]
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",")]
+    else:
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in spec):
+            raise ValueError(f"{what}: {spec!r}: a list of layers holds block indices (ints)")
+        parts = [str(x) for x in spec]
+    if not parts or any(p == "" for p in parts):
+        raise ValueError(f"{what}: no layers in {spec!r}; use an index, '*', a range 'a-b' or a list 'a,b,c'")
+    return parts
+
+
+def _block_index(text: str, spec, n_layers: int, what: str) -> int:
+    """One index of a layer spec -> a block index in ``0..n_layers-1`` (negative ones count from the end)."""
+    i = int(text)
+    j = i + n_layers if i < 0 else i
+    if not 0 <= j < n_layers:
+        raise ValueError(f"{what}: layer {i} in {spec!r} is out of range: this model has {n_layers} blocks "
+                         f"(valid layers 0..{n_layers - 1}, or -{n_layers}..-1 from the end)")
+    return j
 
 
 def parse_site(name: str) -> Site:
@@ -160,7 +174,7 @@ def parse_site(name: str) -> Site:
     kind = _canonical_kind(name.strip())
     if kind in GLOBAL_SITES:
         return Site(None, kind)
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name.strip())
+    m = re.fullmatch(r"blocks\.([0-9]+)\.(.+)", name.strip())
     if m and _canonical_kind(m.group(2)) in BLOCK_SITES:
         return Site(int(m.group(1)), _canonical_kind(m.group(2)))
     raise UnknownSiteError(f"{name!r} is not one site name; use e.g. 'embed', 'blocks.3.resid_post', "
@@ -181,6 +195,8 @@ def resolve_sites(patterns: str | list[str] | tuple[str, ...], n_layers: int,
     unavailable = unavailable or {}
     out: set[Site] = set()
     for raw in patterns:
+        if not isinstance(raw, str):
+            raise UnknownSiteError(f"site names are strings such as 'blocks.3.resid_post', not {raw!r}")
         name = raw.strip()
         kind = _canonical_kind(name)
         if kind in GLOBAL_SITES:
@@ -201,7 +217,8 @@ def resolve_sites(patterns: str | list[str] | tuple[str, ...], n_layers: int,
                 continue
         valid = all_site_names(n_layers)
         close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
-        hint = f"closest valid names: {', '.join(close)}" if close else f"valid kinds: {', '.join(GLOBAL_SITES + BLOCK_SITES)}"
+        kinds = ", ".join(GLOBAL_SITES + BLOCK_SITES)
+        hint = f"closest valid names: {', '.join(close)}" if close else f"valid kinds: {kinds}"
         raise UnknownSiteError(f"unknown site {name!r}; {hint}. Patterns like 'blocks.*.resid_post' and "
                                "'blocks.3-7.attn.pattern' are accepted; `hiddenlens info MODEL` lists every site.")
     return sorted(out, key=forward_key)

@@ -3,21 +3,28 @@
 Layout of a store folder::
 
     manifest.json            model spec + weights hash, sites, dtype, per-site row shape, positions, tokenizer,
-                             library versions, and the list of finished shards (with sha256 and prompt range)
+                             library versions, the list of finished shards (each with the sha256 of its file, its
+                             prompt range and a checksum of the entry itself), ``complete`` once the run finished,
+                             and ``manifest_sha256``, a checksum of the manifest itself
     shard-00000.safetensors  per site a tensor [n_rows, ...]; plus "_prompt" (prompt index), "_position"
                              (absolute token position) and "_token" (token id), all [n_rows]
 
 A row is one token of one prompt (padding never stored). ``positions="last"`` keeps one row per prompt.
-Shards are written atomically (temp file + rename) and only then recorded in the manifest (also atomic), so a
-run killed at any instant resumes with ``resume=True`` after the last recorded shard: no duplicated and no
-missing rows. Reading memory-maps each shard (``safe_open``), checks its sha256 the first time it is opened and
-its tensors against the manifest, so a damaged shard raises instead of returning a wrong tensor.
+A writer holds the folder's lock (``hiddenlens.common.folders.locked``) for its whole run, so two runs never mix
+their shards. Shards are written atomically (temp file + rename) and only then recorded in the manifest (also
+atomic), so a run killed at any instant resumes with ``resume=True``: the resume checks every recorded shard (file
+present, sha256), re-captures from the first bad one, and removes stale temporary files, so the finished store has
+no duplicated and no missing row. Opening a store checks the manifest's checksums and prompt ranges and refuses an
+incomplete store unless asked; reading memory-maps each shard (``safe_open``), checks its sha256 the first time it
+is opened and its tensors against the manifest, so a damaged shard raises instead of returning a wrong tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata as md
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -27,17 +34,31 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hiddenlens.common.errors import DamagedFileError, FolderExistsError, UserError
 from hiddenlens.common.files import atomic_path, write_json
+from hiddenlens.common.folders import locked
 
 from .capture import capture
 from .sites import ATTENTION_WEIGHT_SITES, resolve_sites
 
-FORMAT = "hiddenlens-store/1"
+FORMAT = "hiddenlens-store/2"
+OLD_FORMATS = ("hiddenlens-store/1",)
 META_KEYS = ("_prompt", "_position", "_token")
+PROMPT_SUFFIXES = (".txt", ".jsonl")
+#: leftovers of a killed writer: ``common.files.atomic_path`` temp files of shards and of the manifest
+STALE_GLOBS = (".shard-*.tmp", ".manifest.json.*.tmp")
 
 
-class StoreError(RuntimeError):
-    """A store folder that is damaged, or that does not match what was asked."""
+class StoreError(UserError, RuntimeError):
+    """A store folder that is damaged, incomplete, or that does not match what was asked."""
+
+
+class DamagedStoreError(StoreError, DamagedFileError):
+    """A manifest or shard that was edited, truncated or deleted after it was written."""
+
+
+class PromptFileError(UserError, ValueError):
+    """A prompt file (or prompt list) that cannot be read as prompts; the message names the file and line."""
 
 
 @dataclass
@@ -46,28 +67,93 @@ class Prompt:
     text: str
 
 
+def _decode(path: Path) -> str:
+    """The file's text (UTF-8, a leading BOM dropped); an undecodable byte raises naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PromptFileError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the file as "
+                              "UTF-8") from None
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of every line that is not blank; ``\\n``, ``\\r\\n`` and ``\\r`` end a line."""
+    for n, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n")):
+        if line.strip():
+            yield n + 1, line
+
+
+def _jsonl_prompt(path: Path, n: int, line: str, default_id: int) -> Prompt:
+    """One JSONL line -> a Prompt; anything but an object with a non-empty string ``text`` raises naming the line."""
+    where = f"{path}:{n}"
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an over-long integer, nesting too deep
+        raise PromptFileError(f"{where}: not JSON ({getattr(exc, 'msg', None) or exc}); write one JSON object per "
+                              'line, e.g. {"id": "a", "text": "..."}') from None
+    if not isinstance(obj, dict):
+        raise PromptFileError(f"{where}: a JSON {type(obj).__name__}, not an object; write one object per line, "
+                              'e.g. {"id": "a", "text": "..."}')
+    if "text" not in obj:
+        raise PromptFileError(f"{where}: each JSON line needs a 'text' field")
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise PromptFileError(f"{where}: 'text' is {json.dumps(text)[:40]} ({type(text).__name__}); it must be a "
+                              "non-empty string")
+    if not text.strip():
+        raise PromptFileError(f"{where}: 'text' is empty; give every prompt some text or remove the line")
+    pid = obj.get("id", default_id)
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+        raise PromptFileError(f"{where}: 'id' is {json.dumps(pid)[:40]}; it must be a string or an integer")
+    return Prompt(str(pid), text)
+
+
 def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from a ``.txt`` file (one per non-empty line) or ``.jsonl`` (objects with ``text``, optional ``id``)."""
+    """Prompts from a ``.txt`` file (one per non-blank line, ids ``"0"``, ``"1"``, ...) or ``.jsonl`` (objects with
+    a non-empty string ``text`` and an optional unique ``id``). The file must be UTF-8 (a leading BOM is dropped);
+    anything else raises :class:`PromptFileError` naming the file and line."""
     path = Path(path)
+    if path.suffix.lower() not in PROMPT_SUFFIXES:
+        raise PromptFileError(f"prompt file {path}: unknown extension {path.suffix!r}; use .txt (one prompt per "
+                              "line) or .jsonl (one {'id', 'text'} object per line)")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    out: list[Prompt] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n + 1}: not JSON ({exc.msg})") from exc
-            if "text" not in obj:
-                raise ValueError(f"{path}:{n + 1}: each JSON line needs a 'text' field")
-            out.append(Prompt(str(obj.get("id", len(out))), obj["text"]))
+    lines = _lines(_decode(path))
+    if path.suffix.lower() == ".txt":
+        out = [Prompt(str(i), line) for i, (_, line) in enumerate(lines)]
     else:
-        out = [Prompt(str(i), line) for i, line in
-               enumerate(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())]
+        out, seen = [], {}
+        for n, line in lines:
+            prompt = _jsonl_prompt(path, n, line, len(out))
+            if prompt.id in seen:
+                raise PromptFileError(f"{path}:{n}: id {prompt.id!r} repeats line {seen[prompt.id]}; ids must be "
+                                      "unique")
+            seen[prompt.id] = n
+            out.append(prompt)
     if not out:
-        raise ValueError(f"{path} holds no prompts")
+        raise PromptFileError(f"{path} holds no prompts")
+    return out
+
+
+def as_prompts(prompts: Sequence[str] | Sequence[Prompt] | str | Path) -> list[Prompt]:
+    """A prompt file path (``.txt`` / ``.jsonl``) or a list of non-empty strings / :class:`Prompt` -> Prompts."""
+    if isinstance(prompts, (str, Path)):
+        if Path(prompts).suffix.lower() in PROMPT_SUFFIXES:
+            return read_prompts(prompts)
+        raise PromptFileError(f"prompts={str(prompts)[:60]!r}: prompts must be a list of strings or a path to a "
+                              ".txt/.jsonl file")
+    out = []
+    for i, p in enumerate(prompts):
+        text = p.text if isinstance(p, Prompt) else p
+        if not isinstance(text, str):
+            raise PromptFileError(f"prompts[{i}] is a {type(text).__name__}: prompts must be non-empty strings")
+        if not text.strip():
+            raise PromptFileError(f"prompts[{i}] is empty ({text!r}): give every prompt some text")
+        out.append(p if isinstance(p, Prompt) else Prompt(str(i), p))
+    if not out:
+        raise PromptFileError("no prompts to capture")
     return out
 
 
@@ -89,6 +175,89 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _digest(obj) -> str:
+    """sha256 of ``obj``'s canonical JSON (sorted keys, no spaces, ASCII): the same before writing and after reading."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _entry_digest(index: int, entry: dict) -> str:
+    """Checksum of shard entry ``index``: its fields and its place in the list (a swapped entry fails)."""
+    return _digest(dict({k: v for k, v in entry.items() if k != "entry_sha256"}, index=index))
+
+
+def _manifest_digest(manifest: dict) -> str:
+    return _digest({k: v for k, v in manifest.items() if k != "manifest_sha256"})
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    write_json(path, dict(manifest, manifest_sha256=_manifest_digest(manifest)))
+
+
+def _load_manifest(path: Path) -> dict:
+    """The manifest's JSON, of a known format; a store of an older format is refused."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DamagedStoreError(f"{path} is not valid JSON ({exc}); re-capture the store into a new folder") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt in OLD_FORMATS:
+        raise StoreError(f"{path}: the store was written by an older hiddenlens (format {fmt}, without checksums); "
+                         "re-capture it into a new folder")
+    if fmt != FORMAT:
+        raise StoreError(f"{path}: unknown format {fmt!r} (expected {FORMAT})")
+    return manifest
+
+
+def _entry_problem(index: int, entry: dict, start: int) -> str | None:
+    """What is wrong with shard entry ``index`` of a manifest (checksum, prompt range), or None."""
+    if entry.get("entry_sha256") != _entry_digest(index, entry):
+        return f"shard entry {index} was edited or moved (its checksum does not match)"
+    if entry["prompt_start"] != start or entry["prompt_end"] <= start or entry["rows"] < 1:
+        return (f"shard entry {index} covers prompts {entry['prompt_start']}..{entry['prompt_end']} "
+                f"({entry['rows']} rows), expected to start at prompt {start}")
+    return None
+
+
+def _shard_problem(folder: Path, index: int, entry: dict, start: int) -> str | None:
+    """:func:`_entry_problem`, then the shard file itself: present, and its sha256 the recorded one."""
+    problem = _entry_problem(index, entry, start)
+    if problem:
+        return problem
+    path = folder / entry["file"]
+    if not path.is_file():
+        return f"{entry['file']} is missing"
+    if _sha256(path) != entry["sha256"]:
+        return f"{entry['file']} is damaged (sha256 differs from the manifest)"
+    return None
+
+
+def _intact_shards(folder: Path, entries: list[dict]) -> tuple[list[dict], str | None]:
+    """The longest run of leading shard entries that pass :func:`_shard_problem`, and the first problem (or None)."""
+    kept: list[dict] = []
+    for i, entry in enumerate(entries):
+        problem = _shard_problem(folder, i, entry, kept[-1]["prompt_end"] if kept else 0)
+        if problem:
+            return kept, problem
+        kept.append(entry)
+    return kept, None
+
+
+def _remove_leftovers(folder: Path, keep: set[str]) -> None:
+    """Delete a killed writer's temp files and every shard file the manifest does not keep (call under the lock)."""
+    stale = [p for pattern in STALE_GLOBS for p in folder.glob(pattern)]
+    stale += [p for p in folder.glob("shard-*.safetensors") if p.name not in keep]
+    for p in stale:
+        p.unlink(missing_ok=True)
+
+
+def _row_shapes(folder: Path, entries: list[dict], sites: list[str]) -> dict[str, list[int]]:
+    """Per-site row shape read from the first shard's header ({} without shards)."""
+    if not entries:
+        return {}
+    with safe_open(str(folder / entries[0]["file"]), framework="pt") as f:
+        return {s: list(f.get_slice(s).get_shape()[1:]) for s in sites}
+
+
 def _versions() -> dict:
     out = {}
     for pkg in ("hiddenlens", "torch", "transformers", "safetensors"):
@@ -99,53 +268,89 @@ def _versions() -> dict:
     return out
 
 
+def _check_args(batch_size, shard_rows, dtype, positions) -> None:
+    """One-line errors for arguments that would capture nothing or store wrong numbers."""
+    for name, value, what in (("batch_size", batch_size, "prompts per forward pass, --batch-size"),
+                              ("shard_rows", shard_rows, "rows per shard, --shard-rows")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 1 ({what})")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype}: the store keeps activations as floating-point numbers; use float32, "
+                         "bfloat16 or float16 (--store-dtype)")
+    if positions not in ("all", "last"):
+        raise ValueError(f"positions={positions!r}: must be 'all' or 'last' for the store (--positions)")
+
+
+def _resume_shards(out: Path, manifest_path: Path, settings: dict) -> list[dict]:
+    """The intact leading shards of the store being resumed; warns about what is re-captured."""
+    old = _load_manifest(manifest_path)
+    diff = [k for k in settings if old.get(k) != settings[k]]
+    if diff:
+        raise StoreError(f"cannot resume {out}: its manifest differs in {diff}; use a new folder")
+    if old.get("manifest_sha256") != _manifest_digest(old):
+        warnings.warn(f"{manifest_path} was edited or damaged (its checksum does not match); keeping only the shards "
+                      "that pass their own checks", stacklevel=4)
+    kept, problem = _intact_shards(out, old.get("shards", []))
+    if problem:
+        start = kept[-1]["prompt_end"] if kept else 0
+        warnings.warn(f"{out}: {problem}; re-capturing shard {len(kept)} and every later one (from prompt {start})",
+                      stacklevel=4)
+    return kept
+
+
 def write_activations(handle, prompts: Sequence[str] | Sequence[Prompt] | str | Path, sites, out: str | Path,
                       positions: str = "all", batch_size: int = 8, dtype: torch.dtype = torch.float32,
                       shard_rows: int = 4096, add_bos: bool | None = None, resume: bool = False,
-                      progress: bool = True) -> "ActivationStore":
+                      progress: bool = True, lock: bool = True) -> "ActivationStore":
     """Capture ``sites`` for every prompt and stream them to ``out`` (see the module docstring).
 
     Args:
-        prompts: strings, :class:`Prompt` objects, or a path to a ``.txt`` / ``.jsonl`` file.
+        prompts: non-empty strings, :class:`Prompt` objects, or a path to a ``.txt`` / ``.jsonl`` file.
         positions: ``"all"`` (every non-padding token) or ``"last"`` (the last token of each prompt).
+        dtype: a floating dtype for the stored activations.
         shard_rows: rows per shard; RAM use is bounded by about one shard plus one batch.
-        resume: continue an interrupted run in ``out`` (its manifest must match these settings).
+        resume: continue an interrupted (or repair a damaged) run in ``out`` (its manifest must match these settings);
+            shards that are missing or damaged are re-captured, with a warning.
+        lock: hold ``out``'s folder lock for the run (another writer raises ``FolderLockedError`` at once); pass
+            False only when the caller already holds ``hiddenlens.common.folders.locked(out)``.
     """
-    if isinstance(prompts, (str, Path)) and Path(prompts).suffix in (".txt", ".jsonl"):
-        prompts = read_prompts(prompts)
-    prompts = [p if isinstance(p, Prompt) else Prompt(str(i), p) for i, p in enumerate(prompts)]
-    if not prompts:
-        raise ValueError("no prompts to capture")
-    if positions not in ("all", "last"):
-        raise ValueError("positions must be 'all' or 'last' for the store")
+    prompts = as_prompts(prompts)
+    _check_args(batch_size, shard_rows, dtype, positions)
     resolved = resolve_sites(sites, handle.adapter.n_layers, handle.adapter.unavailable)
     bad = [s.name for s in resolved if s.kind in ATTENTION_WEIGHT_SITES]
     if bad:
         raise ValueError(f"{bad}: attention scores/patterns have a ragged key axis and are not stored row-wise; "
                          "reduce them in the capture (hiddenlens.capture(..., reduce=fn)) instead")
     out = Path(out)
-    settings = {"format": FORMAT, "model": handle.spec, "weights_sha256": None, "backend": handle.backend.name,
-                "sites": [s.name for s in resolved], "positions": positions, "dtype": str(dtype).replace("torch.", ""),
-                "add_bos": add_bos, "tokenizer": getattr(handle.tokenizer, "name_or_path", None),
+    with locked(out) if lock else contextlib.nullcontext():
+        return _write(handle, prompts, resolved, out, positions, batch_size, dtype, shard_rows, add_bos, resume,
+                      progress)
+
+
+def _write(handle, prompts: list[Prompt], resolved, out: Path, positions: str, batch_size: int, dtype: torch.dtype,
+           shard_rows: int, add_bos: bool | None, resume: bool, progress: bool) -> "ActivationStore":
+    """The body of :func:`write_activations`, run under the folder lock."""
+    if "weights_sha256" not in handle.info:
+        handle.info["weights_sha256"] = weights_hash(handle.hf_model)
+    settings = {"format": FORMAT, "model": handle.spec, "weights_sha256": handle.info["weights_sha256"],
+                "backend": handle.backend.name, "sites": [s.name for s in resolved], "positions": positions,
+                "dtype": str(dtype).replace("torch.", ""), "add_bos": add_bos,
+                "tokenizer": getattr(handle.tokenizer, "name_or_path", None),
                 "prompt_ids_sha256": hashlib.sha256("\n".join(p.id + "\t" + p.text for p in prompts)
                                                     .encode()).hexdigest(), "n_prompts": len(prompts)}
-    settings["weights_sha256"] = handle.info.setdefault("weights_sha256", weights_hash(handle.hf_model))
     manifest_path = out / "manifest.json"
     shards: list[dict] = []
     if manifest_path.exists():
         if not resume:
-            raise FileExistsError(f"{out} already holds a store; pass resume=True (--resume) to continue it or "
-                                  "choose a new folder")
-        old = json.loads(manifest_path.read_text())
-        diff = [k for k in settings if old.get(k) != settings[k]]
-        if diff:
-            raise StoreError(f"cannot resume {out}: its manifest differs in {diff}; use a new folder")
-        shards = old["shards"]
+            raise FolderExistsError(f"{out} already holds a store; pass resume=True (--resume) to continue it or "
+                                    "choose a new folder")
+        shards = _resume_shards(out, manifest_path, settings)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out, {s["file"] for s in shards})
     done = shards[-1]["prompt_end"] if shards else 0
-    manifest = dict(settings, prompt_ids=[p.id for p in prompts], versions=_versions(), row_shapes={}, shards=shards)
-    if shards:
-        manifest["row_shapes"] = json.loads(manifest_path.read_text())["row_shapes"]
+    manifest = dict(settings, prompt_ids=[p.id for p in prompts], versions=_versions(),
+                    row_shapes=_row_shapes(out, shards, settings["sites"]), shards=shards)
+    _write_manifest(manifest_path, manifest)
 
     buffer: dict[str, list[torch.Tensor]] = {}
     buffered_rows = 0
@@ -156,12 +361,14 @@ def write_activations(handle, prompts: Sequence[str] | Sequence[Prompt] | str | 
         if not buffer:
             return
         tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items()}
-        path = out / f"shard-{len(manifest['shards']):05d}.safetensors"
+        index = len(manifest["shards"])
+        path = out / f"shard-{index:05d}.safetensors"
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        manifest["shards"].append({"file": path.name, "rows": int(tensors["_prompt"].shape[0]),
-                                   "prompt_start": shard_start, "prompt_end": prompt_end, "sha256": _sha256(path)})
-        write_json(manifest_path, manifest)
+        entry = {"file": path.name, "rows": int(tensors["_prompt"].shape[0]), "prompt_start": shard_start,
+                 "prompt_end": prompt_end, "sha256": _sha256(path)}
+        manifest["shards"].append(dict(entry, entry_sha256=_entry_digest(index, entry)))
+        _write_manifest(manifest_path, manifest)
         buffer, buffered_rows, shard_start = {}, 0, prompt_end
 
     bar = tqdm(total=len(prompts), initial=done, desc="capture", unit="prompt", disable=not progress)
@@ -198,25 +405,49 @@ def write_activations(handle, prompts: Sequence[str] | Sequence[Prompt] | str | 
     flush(len(prompts))
     bar.close()
     manifest["complete"] = True
-    write_json(manifest_path, manifest)
+    _write_manifest(manifest_path, manifest)
     return ActivationStore(out)
+
+
+def _check_manifest(mpath: Path, manifest: dict, allow_incomplete: bool) -> None:
+    """Refuse an edited manifest (checksums), shard entries whose prompt ranges are not contiguous from 0 (and, for a
+    complete store, do not end at ``n_prompts``), and an incomplete store unless ``allow_incomplete``."""
+    fix = "re-capture the store, or resume it (--resume) to re-capture the damaged part"
+    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        raise DamagedStoreError(f"{mpath} was edited or damaged (its checksum does not match its content); {fix}")
+    end = 0
+    for i, entry in enumerate(manifest["shards"]):
+        problem = _entry_problem(i, entry, end)
+        if problem:
+            raise DamagedStoreError(f"{mpath}: {problem}; {fix}")
+        end = entry["prompt_end"]
+    n = manifest["n_prompts"]
+    if manifest.get("complete") and end != n:
+        raise DamagedStoreError(f"{mpath}: marked complete but its shards cover prompts 0..{end} of {n}; {fix}")
+    if not manifest.get("complete") and not allow_incomplete:
+        raise StoreError(f"{mpath.parent} is an incomplete store ({end} of {n} prompts captured; its run was "
+                         "interrupted): resume it (hiddenlens capture ... --resume, or write_activations(..., "
+                         "resume=True)), or pass allow_incomplete=True to read the finished shards")
 
 
 class ActivationStore:
     """Lazy reader of a store folder. ``store.read(site, rows)`` returns ``[n_rows, ...]`` (per-head sites
     ``[n_rows, head, d]``); ``store.meta(rows)`` gives the prompt index, position and token id of each row."""
 
-    def __init__(self, path: str | Path, verify: bool = True):
+    def __init__(self, path: str | Path, verify: bool = True, allow_incomplete: bool = False):
+        """Open (and check) the store in ``path``.
+
+        Args:
+            verify: check each shard's sha256 the first time it is read.
+            allow_incomplete: read a store whose run was interrupted (only its finished shards); by default an
+                incomplete store raises :class:`StoreError` saying to resume it.
+        """
         self.path = Path(path)
         mpath = self.path / "manifest.json"
         if not mpath.is_file():
             raise StoreError(f"{self.path} is not an activation store (no manifest.json)")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{mpath} is not valid JSON: {exc.msg}") from exc
-        if self.manifest.get("format") != FORMAT:
-            raise StoreError(f"{mpath}: unknown format {self.manifest.get('format')!r} (expected {FORMAT})")
+        self.manifest = _load_manifest(mpath)
+        _check_manifest(mpath, self.manifest, allow_incomplete)
         self.verify = verify
         self._checked: set[str] = set()
         self.shards = self.manifest["shards"]
@@ -239,10 +470,12 @@ class ActivationStore:
         info = self.shards[i]
         path = self.path / info["file"]
         if not path.is_file():
-            raise StoreError(f"shard {path} listed in the manifest is missing")
+            raise DamagedStoreError(f"shard {path} listed in the manifest is missing; re-capture it (--resume "
+                                    "re-captures missing and damaged shards)")
         if self.verify and info["file"] not in self._checked:
             if _sha256(path) != info["sha256"]:
-                raise StoreError(f"shard {path} is damaged (sha256 differs from the manifest); re-capture it")
+                raise DamagedStoreError(f"shard {path} is damaged (sha256 differs from the manifest); re-capture it "
+                                        "(--resume re-captures missing and damaged shards)")
             self._checked.add(info["file"])
         try:
             return safe_open(str(path), framework="pt")

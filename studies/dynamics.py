@@ -81,7 +81,9 @@ class Result(StudyResult):
         s = self.summary
         return "\n".join([
             "# Latent-state dynamics", "", f"Checkpoints: {', '.join(s.get('checkpoints', []))}; "
-            f"{s.get('n_prompts', '?')} prompts; lens: {s.get('lens', 'logit')}.", "",
+            f"{s.get('n_prompts', '?')} prompts; lens: {s.get('lens', 'logit')}"
+            + (" (one lens over every checkpoint: matched in shape, not trained on each)."
+               if s.get("lens", "logit") != "logit" and not s.get("lens_weights_checked", True) else "."), "",
             markdown_table(self.tables["dynamics"].round(4)), "", "Token dynamics (share of tokens):", "",
             markdown_table(self.tables["token_dynamics"]), "", "![dynamics](dynamics.png)", "",
             "![example](example_rank.png)", ""])
@@ -93,8 +95,12 @@ def run(config: DynamicsConfig, handle=None, progress: bool = True) -> Result:
     specs = [config.model] + [c for c in config.checkpoints if c]
     examples, shares = [], []
 
+    # one lens over a checkpoint sweep is the user's choice: checked for shape on every checkpoint, for the exact
+    # weights only when there is one model (the summary records which)
+    strict_lens = len(specs) == 1
+
     def analysis(h) -> pd.DataFrame:
-        tl = TunedLens.load(config.lens, h) if config.lens else None
+        tl = TunedLens.load(config.lens, h, check_weights=strict_lens) if config.lens else None
         df = dynamics_summary(h, prompts, config.batch_size, lens=tl)
         if config.belief:
             bel = belief_state_predictability(h, prompts, batch_size=config.batch_size)
@@ -124,6 +130,7 @@ def run(config: DynamicsConfig, handle=None, progress: bool = True) -> Result:
     ex = pd.concat([e.assign(checkpoint=lab) for e, lab in zip(examples, labels)], ignore_index=True)
     share_df = pd.DataFrame(shares).assign(checkpoint=labels)
     summary = {"checkpoints": specs, "n_prompts": len(prompts), "lens": str(config.lens) if config.lens else "logit",
+               "lens_weights_checked": bool(config.lens) and strict_lens,
                "token_dynamics": share_df.to_dict(orient="records")}
     return Result(config, summary, {"dynamics": table, "example_lens": ex, "token_dynamics": share_df})
 

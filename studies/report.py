@@ -8,8 +8,12 @@ A run folder (by default ``runs/<study>/<name>``, see :func:`default_out`) holds
     report.md                         the Markdown report (tables, figures, the paper beside ours)
     study.json                        {"study": name, "config": {...}, "tables": [...], "figures": [...]}, last
 
-Every file goes through :func:`hiddenlens.common.files.atomic_path` (a temporary name, then a rename), and
-``study.json`` is written last, so a folder with a ``study.json`` is complete. Each study's ``Result`` subclasses
+The whole folder is written into a hidden temporary folder beside it and renamed into place at the end
+(:func:`hiddenlens.common.folders.committed_folder`, under the folder's lock): a killed run leaves no folder, and a
+rerun into a used folder is refused unless ``overwrite=True``, which replaces the whole folder (files are never
+mixed across runs). ``study.json`` says whether the run is ``complete``: a study that writes partial results as
+it goes (intention, after each regime) writes them with ``complete=False``, and :meth:`StudyResult.read` refuses
+such a folder unless asked (``allow_incomplete=True``). Each study's ``Result`` subclasses
 :class:`StudyResult`: it names its tables and composes its report and figures; writing and reading are here, once.
 Folders written before ``study.json`` existed (e.g. ``docs/results/*``) still read: the study's own ``Result.read``
 takes them, with a default config.
@@ -26,7 +30,9 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
+from hiddenlens.common.errors import DamagedFileError
 from hiddenlens.common.files import atomic_path, write_json, write_text
+from hiddenlens.common.folders import committed_folder
 
 STUDY_FILE = "study.json"
 #: the runs root (``hiddenlens dashboard --runs`` sets it for the dashboard)
@@ -78,11 +84,13 @@ def write_figure(folder: Path, name: str, fig, dpi: int = 120) -> None:
 @dataclass
 class RunFolder:
     """What a run folder holds, read back: tables (Parquet, else CSV), ``summary.json``, ``report.md``, the PNG
-    figures (paths) and ``study.json`` (``study`` and ``config``; None / {} for older folders)."""
+    figures (paths) and ``study.json`` (``study``, ``config`` and ``complete``; None / {} / True for older
+    folders)."""
 
     path: Path
     study: str | None = None
     config: dict = field(default_factory=dict)
+    complete: bool = True
     summary: dict = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
@@ -97,7 +105,7 @@ def read_folder(folder: str | Path, study: str | None = None) -> RunFolder:
     meta = json.loads((p / STUDY_FILE).read_text(encoding="utf-8")) if (p / STUDY_FILE).is_file() else {}
     if study is not None and meta.get("study") not in (None, study):
         raise ValueError(f"{p} holds a {meta['study']!r} run, not a {study!r} run")
-    run = RunFolder(p, meta.get("study"), dict(meta.get("config") or {}))
+    run = RunFolder(p, meta.get("study"), dict(meta.get("config") or {}), bool(meta.get("complete", True)))
     if (p / "summary.json").is_file():
         run.summary = json.loads((p / "summary.json").read_text(encoding="utf-8"))
     if (p / "report.md").is_file():
@@ -194,26 +202,36 @@ class StudyResult:
         return self.tables.get(name)
 
     # ---- the one way to write and read
-    def write(self, folder: str | Path) -> Path:
-        """Write the run folder atomically (see the module docstring); returns it."""
+    def write(self, folder: str | Path, overwrite: bool = False, complete: bool = True) -> Path:
+        """Write the run folder as one commit (see the module docstring); returns it.
+
+        Args:
+            overwrite: replace a folder that already holds results (default: refuse it).
+            complete: False for a partial result written while the study still runs.
+        """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, df in self.tables.items():
-            write_table(folder, name, df)
-        figures = self.figures()
-        for name, fig in figures.items():
-            write_figure(folder, name, fig)
-        self.write_extra(folder)
-        write_json(folder / "summary.json", self.summary)
-        write_text(folder / "report.md", self.report())
-        write_json(folder / STUDY_FILE, {"study": self.STUDY, "config": jsonable_config(self.config),
-                                         "tables": sorted(self.tables), "figures": sorted(figures)})
+        with committed_folder(folder, overwrite, fix="pass overwrite=True to replace it") as tmp:
+            for name, df in self.tables.items():
+                write_table(tmp, name, df)
+            figures = self.figures()
+            for name, fig in figures.items():
+                write_figure(tmp, name, fig)
+            self.write_extra(tmp)
+            write_json(tmp / "summary.json", self.summary)
+            write_text(tmp / "report.md", self.report())
+            write_json(tmp / STUDY_FILE, {"study": self.STUDY, "complete": complete,
+                                          "config": jsonable_config(self.config), "tables": sorted(self.tables),
+                                          "figures": sorted(figures)})
         return folder
 
     @classmethod
-    def read(cls, folder: str | Path):
-        """Read a folder this study wrote (or an older one of the same study without ``study.json``)."""
+    def read(cls, folder: str | Path, allow_incomplete: bool = False):
+        """Read a folder this study wrote (or an older one of the same study without ``study.json``); a partial
+        run (``complete: false``) only with ``allow_incomplete=True``."""
         run = read_folder(folder, cls.STUDY)
+        if not run.complete and not allow_incomplete:
+            raise DamagedFileError(f"{run.path} holds an incomplete {cls.STUDY} run (it stopped before the end); "
+                                   "rerun it, or read it with allow_incomplete=True")
         older = run.summary.get("config") if isinstance(run.summary.get("config"), dict) else run.summary
         config = config_from(cls.CONFIG, run.config or older)
         obj = cls(config=config, summary=run.summary, tables=run.tables, **cls.read_extra(run))

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from hiddenlens.analyses.truth import extract_last_token, fit_direction, head_sweep, iti_directions, top_k_heads
 from hiddenlens.analyses.truth_data import data_hash, make_statements
+from hiddenlens.common.batching import batch_starts
 from hiddenlens.common.stats import kl_divergence, log_probs, markdown_table
 from hiddenlens.interventions.steer import Steering
 from hiddenlens.models.tiny import offline_prose
@@ -79,7 +80,7 @@ def answer_logprobs(handle, prompts, answers, directions=None, alpha: float = 0.
         raise ValueError("an answer tokenized to zero tokens")
     out = torch.zeros(len(prompts), dtype=torch.float64)
     pad = tok.pad_token_id
-    for s in range(0, len(prompts), batch_size):
+    for s in batch_starts(len(prompts), batch_size):
         ps, as_ = p_ids[s:s + batch_size], a_ids[s:s + batch_size]
         P, A = max(map(len, ps)), max(map(len, as_))
         ids = torch.full((len(ps), P + A), pad, dtype=torch.long)

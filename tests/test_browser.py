@@ -149,6 +149,6 @@ def test_every_page_in_chromium(server):
             page.get_by_role("tab", name="Figures (1)").click()
             wait_idle(page)
             check_page(page, errors, "Results", "results")
-            assert page.get_by_test_id("stImage").count() == 1
+            assert page.get_by_test_id("stImage").count() == 2  # the figure: in report.md and in the Figures tab
         finally:
             browser.close()

@@ -148,12 +148,12 @@ def test_results_page_loads_a_report_folder(tmp_path):
 
 
 def test_results_page_shows_errors_for_bad_paths(tmp_path):
+    broken = tmp_path / "runs" / "broken"  # the Results page opens only folders under the runs root
+    broken.mkdir(parents=True)
     at = run_page("results")
-    at.text_input(key="res_path").input(str(tmp_path / "missing")).run()
+    at.text_input(key="res_path").input(str(tmp_path / "runs" / "missing")).run()
     assert not at.exception
     assert "does not exist" in at.error[0].value
-    broken = tmp_path / "broken"
-    broken.mkdir()
     (broken / "table.parquet").write_bytes(b"not parquet at all")
     at.text_input(key="res_path").input(str(broken)).run()
     assert not at.exception
@@ -223,23 +223,24 @@ def test_intention_prompt_entropy_and_a_loaded_run(tmp_path):
     metrics = {m.label: float(m.value) for m in at.metric}
     assert 0 < metrics["H_int of the prompt (top-100, bits)"] <= np.log2(100) + 1e-6
     assert 0 < metrics["H_int, full vocabulary (bits)"] <= np.log2(512) + 1e-6
-    (tmp_path / "intention").mkdir()
-    write_table(tmp_path / "intention", "regimes", pd.DataFrame({
+    run = tmp_path / "runs" / "intention"  # under the runs root: the dashboard opens only folders there
+    run.mkdir(parents=True)
+    write_table(run, "regimes", pd.DataFrame({
         "regime": ["direct", "cot"], "accuracy": [0.2, 0.5], "accuracy_ci_low": [0.1, 0.3],
         "accuracy_ci_high": [0.4, 0.7], "h_int_bits": [3.0, 1.5], "h_int_ci_low": [2.5, 1.0],
         "h_int_ci_high": [3.5, 2.0], "recov_auroc": [0.6, 0.7], "recov_ci_low": [0.5, 0.6],
         "recov_ci_high": [0.7, 0.8]}))
-    write_table(tmp_path / "intention", "dims", pd.DataFrame({
+    write_table(run, "dims", pd.DataFrame({
         "regime": ["direct"] * 2 + ["cot"] * 2, "state": "pre", "layer": [2, 3, 2, 3],
         "participation_ratio": [4.0, 5.0, 3.0, 3.5]}))
-    at.text_input(key="int_path").input(str(tmp_path / "intention")).run()
+    at.text_input(key="int_path").input(str(run)).run()
     no_errors(at)
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
     assert titles[:3] == ["Accuracy (Wilson 95% CI)", "H_int (bootstrap 95% CI)",
                           "Recov: AUROC of correctness from the states"]
     dims = plotly_specs(at)[3]
     assert [t["name"] for t in dims["data"]] == ["cot", "direct"] and dims["data"][0]["x"] == ["L2", "L3"]
-    at.text_input(key="int_path").input(str(tmp_path)).run()  # a folder that is not an intention run
+    at.text_input(key="int_path").input(str(tmp_path / "runs")).run()  # a folder that is not an intention run
     assert not at.exception and "Cannot open this run" in at.error[0].value
 
 
@@ -272,9 +273,9 @@ def _truth_run(folder: Path) -> None:
 
 
 def test_truth_loaded_run_and_alpha_changes_the_steered_text(tmp_path):
-    _truth_run(tmp_path / "truth")
+    _truth_run(tmp_path / "runs" / "truth")  # under the runs root: the dashboard opens only folders there
     at = run_page("truth")
-    at.text_input(key="truth_path").input(str(tmp_path / "truth")).run()
+    at.text_input(key="truth_path").input(str(tmp_path / "runs" / "truth")).run()
     no_errors(at)
     specs = plotly_specs(at)
     assert "AUROC per layer" in specs[0]["layout"]["title"]["text"]

@@ -20,6 +20,7 @@ WRITES = {
     "patching.py": ["patching/patching.png", "patching/report.md", "patching/dla.png"],
     "performance.py": ["performance.png"],
     "quickstart.py": ["quickstart.png"],
+    "reliability.py": ["reliability.png"],
     "replace.py": ["replace.png"],
     "steering.py": ["steering.png"],
     "truth.py": ["truth.png", "truth/report.md", "truth/direction_mass_mean.json"],
@@ -27,7 +28,7 @@ WRITES = {
 #: examples that read another example's output (run first, into the same folder)
 NEEDS = {"steering.py": "truth.py"}
 #: examples that run without the embedded model
-NOT_EMBEDDED = {"performance.py"}
+NOT_EMBEDDED = {"performance.py", "reliability.py"}
 
 
 def test_every_example_is_listed():

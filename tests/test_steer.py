@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hiddenlens as hl
+from hiddenlens.common.errors import NonFiniteError
 from hiddenlens.probes.direction import Direction
 from hiddenlens.interventions.steer import (SteerOutput, Steering, SteeringNotAppliedError, steer_generate)
 
@@ -72,7 +73,7 @@ def test_kv_cache_positions_are_absolute(tiny_llama, dirs, mode):
     """Cached generation (one token per forward) == uncached (whole sequence every forward), same P."""
     cached = steer_generate(tiny_llama, PROMPTS, dirs, 6.0, mode, max_new_tokens=6)
     P = cached.prompt_length
-    with Steering(tiny_llama, dirs, 6.0, mode, prompt_length=P):
+    with Steering(tiny_llama, dirs, 6.0, mode, prompt_length=P if mode != "all" else None):
         uncached = tiny_llama.generate(PROMPTS, max_new_tokens=6, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     plain = tiny_llama.generate(PROMPTS, max_new_tokens=6)
@@ -81,9 +82,10 @@ def test_kv_cache_positions_are_absolute(tiny_llama, dirs, mode):
 
 @pytest.mark.parametrize("mode", ["all", "prompt", "generated", "conditional"])
 def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_llama, dirs, mode):
-    batch = steer_generate(tiny_llama, PROMPTS, dirs, 6.0, mode, max_new_tokens=6, threshold=0.9)
+    kw = {"threshold": 0.9} if mode == "conditional" else {}
+    batch = steer_generate(tiny_llama, PROMPTS, dirs, 6.0, mode, max_new_tokens=6, **kw)
     for j, p in enumerate(PROMPTS):
-        one = steer_generate(tiny_llama, [p], dirs, 6.0, mode, max_new_tokens=6, threshold=0.9)
+        one = steer_generate(tiny_llama, [p], dirs, 6.0, mode, max_new_tokens=6, **kw)
         assert torch.equal(batch.new_tokens[j], one.new_tokens[0]), (mode, p)
         n = one.sequences.shape[1]
         assert torch.allclose(batch.added_norm[j, -n:], one.added_norm[0])
@@ -123,8 +125,9 @@ def test_conditional_rollback(tiny_llama, dirs):
 def test_nnsight_and_transformer_lens_backends_give_the_same_tokens(tiny_llama, dirs):
     nn = hl.load_model("tiny-llama", backend="nnsight")
     for mode in ("all", "generated", "conditional"):
-        a = steer_generate(tiny_llama, PROMPTS, dirs, 6.0, mode, max_new_tokens=6, threshold=0.9)
-        b = steer_generate(nn, PROMPTS, dirs, 6.0, mode, max_new_tokens=6, threshold=0.9)
+        kw = {"threshold": 0.9} if mode == "conditional" else {}
+        a = steer_generate(tiny_llama, PROMPTS, dirs, 6.0, mode, max_new_tokens=6, **kw)
+        b = steer_generate(nn, PROMPTS, dirs, 6.0, mode, max_new_tokens=6, **kw)
         assert torch.equal(a.sequences.cpu(), b.sequences.cpu()), mode
         assert torch.allclose(a.added_norm, b.added_norm)
     tl = hl.load_model("tiny-llama", backend="transformer_lens")
@@ -152,12 +155,27 @@ def test_bad_steering_fails_loudly(tiny_llama, dirs):
         Steering(tiny_llama, [rand_dir(16, 1.0, 1, "attn.z", 4)], 1.0)
     bad = rand_dir(64, 1.0, 1)
     bad.vector[0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(NonFiniteError, match="NaN"):
         Steering(tiny_llama, [bad], 1.0)
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(NonFiniteError, match="not finite"):
         Steering(tiny_llama, dirs, float("inf"))
     with pytest.raises(ValueError, match="no directions"):
         Steering(tiny_llama, [], 1.0)
     with pytest.raises(SteeringNotAppliedError, match="never ran"):
         with Steering(tiny_llama, dirs, 1.0):
             pass
+
+
+@pytest.mark.parametrize("mode", ["generated", "conditional"])
+def test_cli_steer_prints_plain_and_steered(tmp_path, capsys, mode):
+    """The command runs end to end (it used to pass on_event= in every mode, which only conditional takes)."""
+    from hiddenlens.cli import main
+
+    rand_dir(64, 2.0, 2).save(tmp_path / "d")
+    with pytest.raises(SystemExit) as exited:
+        main(["steer", "The capital of France is", "--direction", str(tmp_path / "d.json"), "--model", "tiny-llama",
+              "--mode", mode, "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert exited.value.code in (0, None), out
+    assert "plain:" in out and f"steered ({mode}" in out and "edited" in out
+    assert mode == "conditional" or "edited 0 " not in out  # generated mode edits the positions that choose tokens

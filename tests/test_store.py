@@ -1,10 +1,6 @@
-"""The activation store: round trip, lazy reads, damage detection, and resume after a real kill -9."""
+"""The activation store: round trip, lazy reads, damage detection (kill -9, concurrent writers, edited manifests and
+other hostile cases: tests/test_hostile_store.py)."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -33,6 +29,7 @@ def test_round_trip_matches_capture(tiny_llama, tmp_path):
     assert torch.equal(part, store.read("blocks.1.resid_post")[35:45])
     man = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert man["weights_sha256"] and man["versions"]["torch"] and man["prompt_ids"][0] == "0"
+    assert man["manifest_sha256"] and all(len(e["entry_sha256"]) == 64 for e in man["shards"])
 
 
 def test_last_position_store(tiny_llama, tmp_path):
@@ -74,44 +71,3 @@ def test_prompt_files(tmp_path):
     with pytest.raises(ValueError, match="'text' field"):
         read_prompts(tmp_path / "bad.jsonl")
 
-
-_WRITER = r"""
-import sys, hiddenlens as hl
-from hiddenlens.probes.store import write_activations
-prompts = [f"Line {i} of a long prompt set about item {i % 17}." for i in range(int(sys.argv[2]))]
-write_activations(hl.load_model("tiny-llama"), prompts, "blocks.1.resid_post", sys.argv[1], batch_size=4,
-                  shard_rows=16, progress=False, resume=len(sys.argv) > 3)
-"""
-
-
-def test_resume_after_kill_9(tmp_path):
-    out = tmp_path / "killed"
-    n = 400
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(out), str(n)], env=env)
-    manifest = out / "manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest.exists():
-            try:
-                if len(json.loads(manifest.read_text())["shards"]) >= 2:
-                    break
-            except json.JSONDecodeError:  # cannot happen with atomic writes; fail loudly if it does
-                raise
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed = json.loads(manifest.read_text())
-    assert not killed.get("complete"), "the run finished before it could be killed; raise n"
-    subprocess.run([sys.executable, "-c", _WRITER, str(out), str(n), "resume"], env=env, check=True)
-    resumed = ActivationStore(out)
-    assert resumed.complete
-    prompts_seen = resumed.meta()["prompt"]
-    assert torch.equal(torch.unique(prompts_seen), torch.arange(n))          # no missing prompt
-    assert torch.equal(prompts_seen, prompts_seen.sort().values)             # no duplicated block
-    fresh = tmp_path / "fresh"
-    h = hl.load_model("tiny-llama")
-    prompts = [f"Line {i} of a long prompt set about item {i % 17}." for i in range(n)]
-    ref = write_activations(h, prompts, "blocks.1.resid_post", fresh, batch_size=4, shard_rows=16, progress=False)
-    assert len(ref) == len(resumed)
-    assert torch.allclose(ref.read("blocks.1.resid_post"), resumed.read("blocks.1.resid_post"), atol=1e-6)

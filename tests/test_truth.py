@@ -195,7 +195,7 @@ def test_version_1_direction_files_still_load(tmp_path):
                                                    "metrics": {}, "detector": [1.0, 0.0]}))
     old = T.Direction.load(tmp_path / "old")
     assert old.site == "blocks.5.resid_post" and old.layer == 5 and old.sigma == 2.0
-    save_file({"vector.0": torch.ones(3), "vector.1": torch.zeros(3)}, str(tmp_path / "heads.safetensors"))
+    save_file({"vector.0": torch.ones(3), "vector.1": torch.tensor([0., 1., 0.])}, str(tmp_path / "heads.safetensors"))
     meta = {"sigma": 1.0, "layer": 2, "site": "attn.z", "method": "mass_mean", "model": "", "data_hash": "",
             "metrics": {}, "detector": [1.0, 0.0]}
     (tmp_path / "heads.json").write_text(json.dumps({"directions": [meta | {"head": 0}, meta | {"head": 3}]}))

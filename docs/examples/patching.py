@@ -11,7 +11,7 @@ from hiddenlens.studies import patching
 OUT = Path(os.environ.get("HIDDENLENS_OUT", "runs/examples")) / "patching"
 handle = hl.load_model()                                     # SmolLM2-135M-Instruct, offline, fp32 on CPU
 res = patching.run(patching.PatchingConfig(limit=2, attribution=False), handle, progress=False)
-res.write(OUT)                                               # cells, summary, pairs, dla tables; report; figures
+res.write(OUT, overwrite=True)                               # cells, summary, pairs, dla tables; report; figures
 s = res.tables["summary"]
 last = s[s.position == s.position.max()].set_index("layer")["normalized"]
 subject = s[s.position == 3].set_index("layer")["normalized"]   # the landmark's last token ("um" / " Tower")

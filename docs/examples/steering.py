@@ -29,7 +29,7 @@ prompts = ["The capital of Kenya is", "Q: What is the capital of Peru? A:"]
 fig, ax = plt.subplots(1, 3, figsize=(15, 3.6))
 modes, rows = ["all", "prompt", "generated", "conditional"], []
 for mode in modes:
-    out = steer_generate(handle, prompts, d, alpha=4.0, mode=mode, max_new_tokens=10, threshold=0.5)
+    out = steer_generate(handle, prompts, d, alpha=4.0, mode=mode, max_new_tokens=10)
     print(f"{mode:12s}", [t.strip() for t in out.texts], "rollback at", out.rollback or "-")
     rows.append(out.added_norm[1].numpy())                 # second prompt: no left padding
 im = ax[0].imshow(rows, aspect="auto", cmap="Greens", vmin=0)

@@ -22,7 +22,7 @@ OUT.mkdir(parents=True, exist_ok=True)
 
 handle = hl.load_model()                                   # SmolLM2-135M-Instruct, offline
 res = study.run(study.TruthConfig(family="capitals", transfer=["negations", "arithmetic"], k_heads=0), handle)
-res.write(OUT / "truth")                                   # tables, directions (.safetensors + .json), report.md
+res.write(OUT / "truth", overwrite=True)                   # tables, directions (.safetensors + .json), report.md
 layers = res.tables["layers"]
 print(layers.pivot(index="layer", columns="method", values="auroc").round(3))
 print(res.tables["transfer"].pivot(index="train_family", columns="test_family", values="auroc").round(3))

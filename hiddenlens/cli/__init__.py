@@ -66,11 +66,23 @@ def error_message(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """The console entry point (``hiddenlens`` and ``python -m hiddenlens``)."""
+    from typer.exceptions import Abort, TyperException
+
     _state["debug"] = False
     try:
-        app(args=argv, prog_name="hiddenlens")
+        app(args=argv, prog_name="hiddenlens", standalone_mode=False)
     except USER_ERRORS as exc:
         if _debug():
             raise
         typer.echo(f"error: {error_message(exc)}", err=True)
         sys.exit(2)
+    except Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except TyperException as exc:  # the command line itself: an unknown option, a value out of range, ...
+        if getattr(exc, "ctx", None) is not None and type(exc).__name__ == "NoArgsIsHelpError":
+            typer.echo(exc.ctx.get_help())
+            sys.exit(0)
+        where = f"; see '{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) is not None else ""
+        typer.echo(f"error: {error_message(Exception(exc.format_message())).rstrip('.')}{where}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))

@@ -15,6 +15,18 @@ app = typer.Typer(help="Studies over prompt sets and checkpoints; each writes a 
                   no_args_is_help=True)
 
 CHECKPOINTS_HELP = "more checkpoints (dirs, hub ids, id@rev); repeat or comma-separate"
+#: ``analyze sinks`` options a run over ``--checkpoints`` does not use (giving one is an error, not ignored)
+SINKS_IGNORED_WITH_CHECKPOINTS = ("model", "domain", "batch_size", "causal_heads", "causal_prompts", "tau", "eps")
+
+
+def _refuse_given(ctx: typer.Context, names: tuple[str, ...], reason: str) -> None:
+    """Raise naming the first of ``names`` given on the command line (or by environment): ``reason`` says why the
+    command would not use it."""
+    for param in ctx.command.params:
+        source = getattr(ctx.get_parameter_source(param.name), "name", None)
+        if param.name in names and source in ("COMMANDLINE", "ENVIRONMENT"):
+            raise ValueError(f"{param.opts[0]} cannot be combined with --checkpoints: {reason} and would ignore "
+                             f"{param.opts[0]}; drop one of the two")
 
 
 def _budgets(spec: Optional[str]) -> dict[str, int]:
@@ -48,10 +60,10 @@ def intention(
         model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
         batch_size: BatchSize = 8,
         checkpoints: Optional[List[str]] = typer.Option(None, help=CHECKPOINTS_HELP),
-        n: int = typer.Option(200, help="number of word problems"),
+        n: int = typer.Option(200, min=1, help="number of word problems"),
         seed: int = typer.Option(0, help="problem-set seed"),
         regimes: str = typer.Option("direct,cot,babble", help="comma-separated: direct, cot, babble"),
-        shots: int = typer.Option(0, help="worked examples before each question (few-shot)"),
+        shots: int = typer.Option(0, min=0, help="worked examples before each question (few-shot)"),
         layers: Optional[str] = typer.Option(None, help="intention-state blocks, e.g. 25-29 (default: the last 5); "
                                              + o.LAYERS_HELP),
         max_new_tokens: Optional[str] = typer.Option(None, help="per-regime budgets, e.g. direct=16,cot=96,babble=64"),
@@ -69,10 +81,12 @@ def intention(
                                    layers=o.layers(layers, handle.n_layers), batch_size=batch_size,
                                    max_new_tokens=_budgets(max_new_tokens), post_collapse=post_collapse, gsm8k=gsm8k)
     try:
-        res = study.run(config, handle, on_regime=lambda partial: partial.write(folder))
+        # each finished regime replaces the partial folder (marked incomplete); the last write marks it complete
+        res = study.run(config, handle, on_regime=lambda partial: partial.write(folder, overwrite=True,
+                                                                               complete=False))
     finally:
         handle.unload()
-    res.write(folder)
+    res.write(folder, overwrite=True)
     console.print(res.tables["regimes"][[c for c in ("checkpoint", "regime", "accuracy", "h_int_bits",
                                                      "dim_eff_pr_agg", "recov_auroc") if c in res.tables["regimes"]]])
     console.print(f"report written to {folder}")
@@ -86,7 +100,8 @@ def dynamics(
         checkpoints: Optional[List[str]] = typer.Option(None, help=CHECKPOINTS_HELP),
         prompts_file: Optional[Path] = typer.Option(None, help=".txt (one per line) or .jsonl ({'text'}); "
                                                     "default: offline prose chunks"),
-        n_prompts: int = typer.Option(32), chars: int = typer.Option(400, help="characters per prose chunk"),
+        n_prompts: int = typer.Option(32, min=1),
+        chars: int = typer.Option(400, min=1, help="characters per prose chunk"),
         lens: Optional[Path] = typer.Option(None, help="tuned lens (.safetensors)"),
         belief: bool = typer.Option(True, help="also belief-state predictability per layer"),
         example: str = typer.Option("The capital of France is", help="prompt for the per-position lens table"),
@@ -109,21 +124,26 @@ def dynamics(
 
 @app.command("sinks")
 def sinks(
+        ctx: typer.Context,
         out: OptionalOut = None, name: Name = None,
         model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "float32",
         batch_size: BatchSize = 8,
         checkpoints: Optional[Path] = typer.Option(None, help="a folder of checkpoints (e.g. from `hiddenlens bb "
                                                    "train --checkpoint-every`): metrics as curves over steps"),
         domain: Optional[List[str]] = typer.Option(None, help="NAME=FILE, twice (default: prose vs Python code)"),
-        n_prompts: int = typer.Option(32, help="passages per default domain"),
-        n_tokens: int = typer.Option(128, help="tokens per passage (BOS included)"),
-        causal_heads: int = typer.Option(4, help="heads per group (most active-dormant, most dormant) to ablate"),
-        causal_prompts: int = typer.Option(8, help="prompts per domain for the causal confirmation"),
-        tau: float = typer.Option(0.8, help="dormancy threshold (INFERRED default)"),
-        eps: float = typer.Option(0.01, help="|delta CE| (nats) under which an intervention 'changes little'")) -> None:
+        n_prompts: int = typer.Option(32, min=1, help="passages per default domain"),
+        n_tokens: int = typer.Option(128, min=2, help="tokens per passage (BOS included)"),
+        causal_heads: int = typer.Option(4, min=1, help="heads per group (most active-dormant, most dormant) to "
+                                         "ablate"),
+        causal_prompts: int = typer.Option(8, min=1, help="prompts per domain for the causal confirmation"),
+        tau: float = typer.Option(0.8, min=0.0, max=1.0, help="dormancy threshold (INFERRED default)"),
+        eps: float = typer.Option(0.01, min=0.0, help="|delta CE| (nats) under which an intervention 'changes "
+                                  "little'")) -> None:
     """Attention sinks, value drains, residual peaks and active-dormant heads ("Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs" (arXiv 2410.13835))."""
     from hiddenlens.studies import sinks as study
 
+    if checkpoints is not None:
+        _refuse_given(ctx, SINKS_IGNORED_WITH_CHECKPOINTS, "--checkpoints measures every checkpoint under it")
     folder = out_folder(out, study.STUDY, name)
     domains = dict(_read_domain(s) for s in domain) if domain else None
     if domains is not None and len(domains) != 2:
@@ -150,12 +170,12 @@ def leakage(
     out: OptionalOut = None, name: Name = None,
     model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
     prompts: Optional[Path] = typer.Option(None, help="JSON prompt pairs (default: the shipped set)"),
-    limit: Optional[int] = typer.Option(None, help="use only the first N pairs"),
+    limit: Optional[int] = typer.Option(None, min=1, help="use only the first N pairs"),
     ranges: Optional[str] = typer.Option(None, help="block ranges whose outputs are replaced, comma-separated, each "
                                          "read like --layers: e.g. '0-29,15-29,29' (default: 5 suffix ranges ending "
                                          "at the last block)"),
-    samples: int = typer.Option(4, help="sampled continuations per prompt"),
-    max_new_tokens: int = typer.Option(12, help="tokens per continuation"),
+    samples: int = typer.Option(4, min=1, help="sampled continuations per prompt"),
+    max_new_tokens: int = typer.Option(12, min=1, help="tokens per continuation"),
     mode: str = typer.Option("isolated", help="isolated | original (positions of the lone span run)"),
     tokens: str = typer.Option("all", help="all | last (which target tokens to replace)"),
     seed: int = typer.Option(0), threads: Threads = None,
@@ -183,11 +203,11 @@ def iteration(
     model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
     decider: Optional[Path] = typer.Option(None, help="folder of a trained MLP decider (hiddenlens train-decider)"),
     threshold: Optional[float] = typer.Option(None, help="override the MLP decider's threshold"),
-    entropy_threshold: float = typer.Option(2.5, help="entropy decider threshold (nats)"),
-    chunks: int = typer.Option(16, help="evaluation prose chunks (second half of the offline prose)"),
-    seq_len: int = typer.Option(128, help="tokens per chunk"),
-    max_iter: int = typer.Option(2, help="passes per token at most (TaH: 2)"),
-    topk: int = typer.Option(100, help="top-k of the soft-embedding feedback"),
+    entropy_threshold: float = typer.Option(2.5, min=0.0, help="entropy decider threshold (nats)"),
+    chunks: int = typer.Option(16, min=1, help="evaluation prose chunks (second half of the offline prose)"),
+    seq_len: int = typer.Option(128, min=2, help="tokens per chunk"),
+    max_iter: int = typer.Option(2, min=1, help="passes per token at most (TaH: 2)"),
+    topk: int = typer.Option(100, min=1, help="top-k of the soft-embedding feedback"),
     threads: Threads = None,
 ):
     """Teacher-forced selective iteration: share iterated, fix/break rates, accuracy change, decider AUROC."""

@@ -19,7 +19,9 @@ def train(out: Path = typer.Option(..., help="folder for the checkpoints (step_0
           optimizer: str = typer.Option("adamw", help="adamw | sgd"),
           lr: float = typer.Option(1e-3), weight_decay: float = typer.Option(1e-4),
           batch_size: int = typer.Option(64, help="sequences per training step"), seed: int = typer.Option(0),
-          checkpoint_every: int = typer.Option(100, help="0: only the last step")) -> None:
+          checkpoint_every: int = typer.Option(100, help="0: only the last step"),
+          overwrite: bool = typer.Option(False, help="replace OUT when it already holds a run (default: refuse)")
+          ) -> None:
     """Train one Bigram-Backcopy model; checkpoints load with `hiddenlens.load_model(folder)`."""
     from hiddenlens.analyses.bb_metrics import sink_evaluator
     from hiddenlens.models.bb_model import BBConfig
@@ -28,7 +30,7 @@ def train(out: Path = typer.Option(..., help="folder for the checkpoints (step_0
     cfg = BBConfig(d_model=d_model, n_layers=layers, seq_length=seq_length, k=k, attention=attention,
                    optimizer=optimizer, lr=lr, weight_decay=weight_decay, batch_size=batch_size, steps=steps,
                    seed=seed, checkpoint_every=checkpoint_every)
-    res = train_bb(cfg, out_dir=out, evaluate=sink_evaluator(), progress=True)
+    res = train_bb(cfg, out_dir=out, evaluate=sink_evaluator(), progress=True, overwrite=overwrite)
     last = res.history.iloc[-1]
     console.print(f"{steps} steps in {res.seconds:.1f} s; trigger loss {last.trigger_loss:.3f}, non-trigger loss "
                   f"{last.nontrigger_loss:.3f} (bigram optimum {last.bigram_optimum:.3f}); L0 BOS attention at "

@@ -76,12 +76,17 @@ def csv_list(items: list[str] | None) -> list[str]:
 
 
 def out_folder(out: Path | None, study: str, name: str | None = None) -> Path:
-    """``--out`` when given, else the one default: ``runs/<study>/<name>`` (``hiddenlens.studies.default_out``)."""
-    if out is not None:
-        return Path(out)
-    from hiddenlens.studies import default_out
+    """``--out`` when given, else the one default: ``runs/<study>/<name>`` (``hiddenlens.studies.default_out``).
 
-    return default_out(study, name)
+    A folder that already holds results is refused here, before the run starts (runs never mix files; the
+    commit at the end refuses it again should another run have finished there meanwhile)."""
+    from hiddenlens.common.folders import check_free
+
+    if out is None:
+        from hiddenlens.studies import default_out
+
+        out = default_out(study, name)
+    return check_free(out, fix="choose another --out or --name (or delete the folder first)")
 
 
 def set_threads(n: int | None) -> None:

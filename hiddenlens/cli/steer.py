@@ -1,6 +1,7 @@
 """``hiddenlens steer "PROMPT" ...`` (= ``hiddenlens steer run "PROMPT" ...``) and ``hiddenlens steer eval``."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -32,21 +33,26 @@ app = typer.Typer(cls=DefaultCommandGroup, no_args_is_help=True,
 @app.command("run")
 def run(prompt: str = typer.Argument(..., help="the prompt to continue"),
         direction: Path = typer.Option(..., "--direction", help="a direction file (.json/.safetensors)"),
-        alpha: float = typer.Option(4.0, help="edit = alpha * sigma * unit direction"),
+        alpha: float = typer.Option(4.0, help="edit = alpha * sigma * unit direction (finite)"),
         mode: str = typer.Option("generated", help="all | prompt | generated | conditional"),
-        max_new_tokens: int = typer.Option(48), threshold: float = typer.Option(0.5, help="conditional: flag a "
-                                                                                          "token when p_true < this"),
-        detector: Optional[Path] = typer.Option(None, help="conditional: detector direction (default: the first)"),
+        max_new_tokens: int = typer.Option(48),
+        threshold: Optional[float] = typer.Option(None, help="--mode conditional only: flag a token when p_true < "
+                                                             "this, in [0, 1] (default 0.5)"),
+        detector: Optional[Path] = typer.Option(None, help="--mode conditional only: detector direction file "
+                                                           "(default: the first direction)"),
         model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
         chat: bool = typer.Option(False, help="wrap the prompt in the model's chat template"),
         compare: bool = typer.Option(True, help="also print the unsteered continuation")):
-    """Generate with steering, streaming tokens as they come (the default command: `hiddenlens steer "PROMPT"`)."""
+    """Generate with steering, streaming tokens as they come (the default command: `hiddenlens steer "PROMPT"`).
+    Every input is checked before anything is printed; an option the mode does not use is an error."""
+    from hiddenlens.interventions.steer import MODES, check_request, steer_generate
     from hiddenlens.probes.direction import load_directions
-    from hiddenlens.interventions.steer import steer_generate
 
+    _check_options(mode, MODES, alpha, max_new_tokens, threshold, detector)
     dirs = load_directions(direction)
     det = load_directions(detector)[0] if detector else None
     handle = o.load(model, backend, device, dtype)
+    check_request(handle, dirs, alpha, mode, max_new_tokens, det, threshold)
     if chat:
         prompt = handle.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
@@ -62,18 +68,38 @@ def run(prompt: str = typer.Argument(..., help="the prompt to continue"),
             typer.secho(f" [rollback at position {info['position']}, p_true {info['p_true']:.2f}; steering on] ",
                         fg="yellow", nl=False)
 
+    conditional = mode == "conditional"
     streamer = None
-    if mode != "conditional" and backend == "hf":
+    if not conditional and backend == "hf":
         from transformers import TextStreamer
         streamer = TextStreamer(handle.tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = steer_generate(handle, [prompt], dirs, alpha, mode, max_new_tokens=max_new_tokens, detector=det,
-                         threshold=threshold, streamer=streamer, on_event=on_event)
-    if mode != "conditional" and streamer is None:
+                         threshold=threshold, streamer=streamer, on_event=on_event if conditional else None)
+    if not conditional and streamer is None:
         typer.echo(out.texts[0], nl=False)
     edited = out.added_norm[0] > 0
     typer.echo("")
     typer.secho(f"edited {int(edited.sum())} token positions, mean added norm "
                 f"{float(out.added_norm[0][edited].mean()) if edited.any() else 0.0:.3f}", fg="cyan")
+
+
+def _check_options(mode: str, modes: tuple[str, ...], alpha: float, max_new_tokens: int, threshold: float | None,
+                   detector: Path | None) -> None:
+    """The checks that need no model, by option name, before the model loads."""
+    if mode not in modes:
+        raise ValueError(f"--mode {mode!r} is not a steering mode; choose one of {', '.join(modes)}")
+    if mode != "conditional":
+        for name, value in (("--detector", detector), ("--threshold", threshold)):
+            if value is not None:
+                raise ValueError(f"{name} only applies to --mode conditional (got --mode {mode}); drop it or use "
+                                 "--mode conditional")
+    if not math.isfinite(alpha):
+        raise ValueError(f"--alpha {alpha} is not finite; give a finite number")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: generate at least one token")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:  # NaN fails too
+        raise ValueError(f"--threshold {threshold}: the detector flags a token when p_true < threshold, so it must "
+                         "be a probability in [0, 1]")
 
 
 @app.command("eval")
@@ -88,8 +114,12 @@ def eval_(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device 
     margin; CE and KL on neutral prose; random-direction control; ITI's table beside ours."""
     from hiddenlens.studies import steering as study
 
-    folder = o.out_folder(out, study.STUDY, name)
     grid = o.csv_floats(alphas, "--alphas")
+    if not grid or not all(math.isfinite(a) for a in grid):
+        raise ValueError(f"--alphas {alphas!r}: give a comma-separated list of finite numbers")
+    if k_heads < 0:
+        raise ValueError(f"--k-heads {k_heads}: a number of heads >= 0 (0: no ITI set)")
+    folder = o.out_folder(out, study.STUDY, name)
     handle = o.load(model, backend, device, dtype)
     config = study.SteeringConfig(model=model, backend=backend, device=device, dtype=dtype, family=family,
                                   layers=o.layers(layers, handle.n_layers), alphas=grid, k_heads=k_heads, seed=seed)

@@ -21,11 +21,15 @@ def train_decider(
     hidden: int = typer.Option(256), blocks: int = typer.Option(2), epochs: int = typer.Option(8),
     lr: float = typer.Option(1e-3), threshold: float = typer.Option(0.5, help="iterate iff sigmoid > threshold"),
     seed: int = typer.Option(0), threads: Threads = None,
+    overwrite: bool = typer.Option(False, help="replace OUT when it already holds a decider (default: refuse)"),
 ):
     """Train the MLP iteration decider (BCE on 'first pass mispredicted') on held-out prose; safetensors + JSON."""
     from hiddenlens.interventions.decider import (DEFAULT_SITES, MLPDeciderConfig, decider_dataset, prose_chunks,
                                                   save_decider, train_mlp_decider)
 
+    from hiddenlens.common.folders import check_free
+
+    check_free(out, overwrite)
     o.set_threads(threads)
     handle = o.load(model, backend, device, dtype)
     picked = o.layers(layers, handle.n_layers)
@@ -34,6 +38,6 @@ def train_decider(
     cfg = MLPDeciderConfig(sites=sites, d_model=handle.adapter.d_model, topk=topk, hidden=hidden, n_blocks=blocks,
                            threshold=threshold, model=handle.spec)
     dec = train_mlp_decider(feats, labels, cfg, epochs=epochs, lr=lr, seed=seed)
-    save_decider(dec, out)
+    save_decider(dec, out, overwrite=overwrite)
     typer.echo(f"validation: {dec.config.metrics}")
     typer.echo(f"decider: {out}")

@@ -15,9 +15,10 @@ def train_lens(
         model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
         batch_size: BatchSize = 8,
         prompts_file: Optional[Path] = typer.Option(None, help=".txt / .jsonl prompts (default: offline prose)"),
-        n_prompts: int = typer.Option(64), chars: int = typer.Option(400, help="characters per prose chunk"),
-        steps: int = typer.Option(50), tokens_per_step: int = typer.Option(128),
-        max_tokens: int = typer.Option(4096, help="training tokens kept in memory"),
+        n_prompts: int = typer.Option(64, min=1), chars: int = typer.Option(400, min=1, help="characters per prose "
+                                                                              "chunk"),
+        steps: int = typer.Option(50, min=1), tokens_per_step: int = typer.Option(128, min=1),
+        max_tokens: int = typer.Option(4096, min=1, help="training tokens kept in memory"),
         lr: float = typer.Option(1.0, help="learning rate before the (1 - momentum) scaling")) -> None:
     """Train a tuned lens (zero-init affine translators, forward KL) and save it as safetensors."""
     from hiddenlens.analyses.tuned_lens import TunedLens, collect_states, lens_kl, train_tuned_lens
