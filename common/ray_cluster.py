@@ -18,7 +18,7 @@ LOCAL = "local"
 
 
 class RayUnavailableError(UserError, ImportError):
-    """``--ray`` was asked for but Ray is not installed."""
+    """``--ray`` was asked for but Ray is not installed, or the cluster it names does not answer."""
 
 
 def import_ray():
@@ -45,7 +45,12 @@ def ray_session(address: str, num_cpus: int | None = None) -> Iterator[object]:
     if address == LOCAL:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
     else:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RayUnavailableError(f"--ray {address}: no Ray cluster answered ({first}); start one with "
+                                      "`ray start --head`, or use --ray local for a private one") from exc
     try:
         yield ray
     finally:

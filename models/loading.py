@@ -79,8 +79,9 @@ def pick_dtype(dtype, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype={dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'") from None
 
 
-def _from_pretrained(path_or_id: str, dtype, attn, device_map, revision, local_only: bool):
-    """Tokenizer and model through transformers, never running shipped code, refusing weights that do not fit."""
+def _from_pretrained(path_or_id: str, dtype, attn, placement: dict, revision, local_only: bool):
+    """Tokenizer and model through transformers, never running shipped code, refusing weights that do not fit.
+    ``placement``: ``device_map`` / ``max_memory`` / ``offload_folder`` for accelerate (only those given)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     common = dict(revision=revision, local_files_only=local_only, trust_remote_code=False)
@@ -93,8 +94,7 @@ def _from_pretrained(path_or_id: str, dtype, attn, device_map, revision, local_o
     kw = dict(common, config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     if attn:
         kw["attn_implementation"] = attn
-    if device_map is not None:
-        kw["device_map"] = device_map
+    kw.update(placement)
     with _quiet_transformers():
         model, loading = AutoModelForCausalLM.from_pretrained(path_or_id, **kw)
     _check_loading_info(path_or_id, model, loading)
@@ -180,15 +180,62 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: the device its input embedding runs on. For a model split by accelerate that is
+    the embedding's execution device (its ``_hf_hook``; an offloaded embedding's weight sits on ``meta``), else the
+    device of the embedding's weight; a model without one: its first parameter not on ``meta``, else the CPU."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(emb, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook or one hook
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    params = [emb.weight] if emb is not None else []
+    for p in itertools.chain(params, model.parameters()):
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
 def share_weights_clone(model: torch.nn.Module) -> torch.nn.Module:
     """New module objects (and a new config) sharing every parameter and buffer tensor of ``model``."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, shared)
 
 
+class PlacementError(UserError, ValueError):
+    """``device_map`` / ``max_memory`` / ``offload_folder`` that cannot apply to this model spec."""
+
+
+def _placement(device_map, max_memory, offload_folder) -> dict:
+    """The accelerate keywords of ``from_pretrained`` that were given; raises :class:`PlacementError` for
+    ``max_memory`` / ``offload_folder`` without a ``device_map``."""
+    if device_map is None:
+        stray = [k for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v is not None]
+        if stray:
+            raise PlacementError(f"{', '.join(stray)} given without device_map: they only shape an accelerate device "
+                                 "map; pass device_map='auto' (or a dict of module -> device) as well")
+        return {}
+    placement = {"device_map": device_map}
+    if max_memory is not None:
+        placement["max_memory"] = max_memory
+    if offload_folder is not None:
+        placement["offload_folder"] = os.fspath(offload_folder)
+    return placement
+
+
+def _refuse_placement(spec: str, placement: dict) -> None:
+    """Models built in memory or by a hiddenlens loader are not loaded through accelerate."""
+    if placement:
+        raise PlacementError(f"device_map applies to transformers checkpoints (a folder with config.json or a hub "
+                             f"id), not to {spec!r}; save it with save_pretrained and load that folder, or drop "
+                             "device_map")
+
+
 def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", dtype="auto",
                attn_implementation: str | None = None, device_map=None, adapter_overrides: dict | None = None,
-               revision: str | None = None, seed: int = 0) -> LoadedModel:
+               revision: str | None = None, seed: int = 0, max_memory: dict | None = None,
+               offload_folder: str | os.PathLike | None = None) -> LoadedModel:
     """Load a model's weights and tokenizer (no hooks, no backend).
 
     Args:
@@ -197,7 +244,11 @@ def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", d
         dtype: ``auto`` (bf16 on CUDA, fp32 elsewhere) or a torch dtype / name.
         attn_implementation: ``sdpa`` (transformers' default) or ``eager``; attention patterns work with either
             (the capture switches only the tapped layers to eager).
-        device_map: passed to transformers (e.g. ``"auto"`` to spread a model over several GPUs).
+        device_map: passed to transformers / accelerate (``"auto"`` spreads a model over the GPUs, then the CPU,
+            then ``offload_folder``; a dict maps module names to ``0``, ``"cuda:1"``, ``"cpu"`` or ``"disk"``).
+            Reads and edits then run where each module lives (see ``docs/scale.md``).
+        max_memory: with ``device_map``, the most each device may hold, e.g. ``{0: "20GiB", "cpu": "60GiB"}``.
+        offload_folder: with ``device_map``, where ``"disk"`` modules' weights go (read back at each forward).
         adapter_overrides: explicit module paths for architectures the adapter cannot discover.
         revision: hub revision (a branch, tag or commit, e.g. a training checkpoint).
         seed: weight seed of the tiny models.
@@ -208,12 +259,14 @@ def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", d
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     info: dict = {"spec": spec, "dtype": str(dt).replace("torch.", "")}
+    placement = _placement(device_map, max_memory, offload_folder)
     if spec in ("embedded", EMBEDDED_SPEC):
         spec = EMBEDDED_SPEC
         path = ensure_converted()
-        model, tok = _from_pretrained(str(path), dt, attn_implementation, device_map, None, True)
+        model, tok = _from_pretrained(str(path), dt, attn_implementation, placement, None, True)
         info["source"] = str(path)
     elif spec in TINY_SPECS:
+        _refuse_placement(spec, placement)
         model, tok = build_tiny(spec, seed=seed)
         model = model.to(dt)
         if attn_implementation:
@@ -228,12 +281,13 @@ def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", d
             if kind not in _DIRECTORY_LOADERS:
                 raise ValueError(f"{d} holds a hiddenlens model of kind {kind!r}, but no loader is registered for "
                                  f"it (known: {sorted(_DIRECTORY_LOADERS)}); import the module that trains it")
+            _refuse_placement(spec, placement)
             model, tok = _DIRECTORY_LOADERS[kind](d, dt)
             if attn_implementation:
                 model.config._attn_implementation = attn_implementation
         elif (d / "config.json").is_file():
             _refuse_code_configs(d)
-            model, tok = _from_pretrained(str(d), dt, attn_implementation, device_map, None, True)
+            model, tok = _from_pretrained(str(d), dt, attn_implementation, placement, None, True)
         else:
             raise FileNotFoundError(f"{d} is neither a transformers checkpoint (no config.json) nor a hiddenlens "
                                     f"model (no {MARKER})")
@@ -241,7 +295,7 @@ def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", d
     else:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         try:
-            model, tok = _from_pretrained(spec, dt, attn_implementation, device_map, revision, offline)
+            model, tok = _from_pretrained(spec, dt, attn_implementation, placement, revision, offline)
         except OSError as exc:
             raise FileNotFoundError(
                 f"could not load {spec!r} from the Hugging Face hub or its local cache ({exc.__class__.__name__}: "
@@ -249,7 +303,9 @@ def load_parts(spec: str = EMBEDDED_SPEC, device: str | torch.device = "auto", d
                 "`huggingface-cli download`; offline, use 'smollm2-135m-instruct', 'tiny-llama', 'tiny-gpt2' or "
                 "a local directory.") from exc
         info["source"] = f"hub:{spec}" + (f"@{revision}" if revision else "")
-    if device_map is None:
+    if placement:
+        info["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+    else:
         model = model.to(dev)
     model.eval()
     return LoadedModel(model, tok, discover_adapter(model, adapter_overrides), spec, info)

@@ -172,8 +172,8 @@ class Capture(Block):
         super().__init__(handle, sites)
         check_positions(positions)
         if to not in ("memory", "cpu"):
-            raise ValueError(f"to={to!r}: use 'memory' (keep on the model's device) or 'cpu'; for disk use "
-                             "hiddenlens.probes.store.write_activations")
+            raise ValueError(f"to={to!r}: use 'memory' (keep each tensor on its module's device) or 'cpu'; for disk "
+                             "use hiddenlens.probes.store.write_activations")
         if reduce not in (None, "stats", "mean") and not callable(reduce):
             raise ValueError(f"reduce={reduce!r}: use None, 'stats' (mean + covariance), 'mean' or a function")
         if dtype is not None and not dtype.is_floating_point:
@@ -291,7 +291,10 @@ def capture(handle, sites, positions: Positions = None, reduce=None, to: str = "
             ``cache.stats``; rows are tokens, features the last axis, heads flattened into features), ``"mean"``,
             or ``fn(site_name, tensor) -> tensor | None`` whose outputs are kept per forward
             (``cache.chunks(site)``).
-        to: ``"memory"`` (the model's device) or ``"cpu"``. For disk, use :func:`hiddenlens.probes.store.write_activations`.
+        to: ``"memory"``: each tensor stays on the device of the module that produced it (for a model split
+            across devices by accelerate, block 30's ``resid_post`` on block 30's GPU; a disk-offloaded module
+            runs on its execution device), or ``"cpu"``. For disk, use
+            :func:`hiddenlens.probes.store.write_activations`.
         dtype: cast captured tensors (e.g. ``torch.float16`` to halve memory).
         grad: keep autograd graphs (otherwise the block runs under ``torch.inference_mode()``).
         check_finite: raise :class:`NonFiniteActivationError` on NaN/Inf.

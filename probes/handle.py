@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hiddenlens.common.errors import UserError
 from hiddenlens.models.adapter import ArchitectureAdapter
-from hiddenlens.models.loading import LoadedModel, load_parts, share_weights_clone
+from hiddenlens.models.loading import LoadedModel, input_device, load_parts, share_weights_clone
 
 from . import context
 from .backends import make_backend
@@ -116,7 +116,9 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the device of the input embedding (for a model split across devices by accelerate,
+        the device its embedding runs on; see :func:`hiddenlens.models.loading.input_device`)."""
+        return input_device(self.hf_model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -372,7 +374,7 @@ def _assemble_run(outs, ids, masks, order, pad_id) -> RunOutput:
 
 def load_model(spec: str | None = None, backend: str = "hf", **kwargs) -> ModelHandle:
     """Load a model (see :func:`hiddenlens.models.loading.load_parts` for ``spec`` and the keyword arguments:
-    device, dtype, attn_implementation, device_map, adapter_overrides, revision, seed) and return a
-    :class:`ModelHandle` run by ``backend`` (``hf`` | ``transformer_lens`` | ``nnsight``)."""
+    device, dtype, attn_implementation, device_map, max_memory, offload_folder, adapter_overrides, revision, seed)
+    and return a :class:`ModelHandle` run by ``backend`` (``hf`` | ``transformer_lens`` | ``nnsight``)."""
     parts = load_parts(spec, **kwargs) if spec is not None else load_parts(**kwargs)
     return ModelHandle.from_parts(parts, backend)

@@ -8,6 +8,10 @@ Layout of a store folder::
                              and ``manifest_sha256``, a checksum of the manifest itself
     shard-00000.safetensors  per site a tensor [n_rows, ...]; plus "_prompt" (prompt index), "_position"
                              (absolute token position) and "_token" (token id), all [n_rows]
+    parts/                   only in a store captured on Ray (``probes/ray_capture.py``): ``plan.json`` and one
+                             store per part of the prompts (``part-00003/``, global prompt indices); the top
+                             manifest, written once at the end, names their shards by relative path
+                             (``parts/part-00003/shard-00000.safetensors``), so the store reads like any other
 
 A row is one token of one prompt (padding never stored). ``positions="last"`` keeps one row per prompt.
 A writer holds the folder's lock (``hiddenlens.common.folders.locked``) for its whole run, so two runs never mix
@@ -26,7 +30,7 @@ import importlib.metadata as md
 import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 import torch
@@ -42,6 +46,8 @@ from .capture import capture
 from .sites import ATTENTION_WEIGHT_SITES, resolve_sites
 
 FORMAT = "hiddenlens-store/2"
+#: the plan of a capture on Ray (its parts), written before the parts start (``probes/ray_capture.py``)
+RAY_PLAN = "parts/plan.json"
 OLD_FORMATS = ("hiddenlens-store/1",)
 META_KEYS = ("_prompt", "_position", "_token")
 PROMPT_SUFFIXES = (".txt", ".jsonl")
@@ -208,6 +214,21 @@ def _load_manifest(path: Path) -> dict:
     return manifest
 
 
+def shard_path(folder: Path, name) -> Path:
+    """``folder / name`` for a shard file named in a manifest: a plain name (``shard-00000.safetensors``) or a relative
+    path inside the store (``parts/part-00003/shard-00000.safetensors``, a ``--ray`` store); an absolute path, a
+    ``..`` or a path that leads out of ``folder`` (through a link) raises :class:`DamagedStoreError`."""
+    rel = PurePosixPath(name) if isinstance(name, str) else None
+    if rel is None or not name or "\\" in name or rel.is_absolute() or ".." in rel.parts or ":" in name:
+        raise DamagedStoreError(f"{folder}: the manifest names shard file {name!r}, which is not a path inside the "
+                                "store; re-capture the store")
+    path = folder / rel
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise DamagedStoreError(f"{folder}: shard file {name!r} leads out of the store folder (a link); re-capture "
+                                "the store")
+    return path
+
+
 def _entry_problem(index: int, entry: dict, start: int) -> str | None:
     """What is wrong with shard entry ``index`` of a manifest (checksum, prompt range), or None."""
     if entry.get("entry_sha256") != _entry_digest(index, entry):
@@ -223,7 +244,7 @@ def _shard_problem(folder: Path, index: int, entry: dict, start: int) -> str | N
     problem = _entry_problem(index, entry, start)
     if problem:
         return problem
-    path = folder / entry["file"]
+    path = shard_path(folder, entry["file"])
     if not path.is_file():
         return f"{entry['file']} is missing"
     if _sha256(path) != entry["sha256"]:
@@ -231,11 +252,12 @@ def _shard_problem(folder: Path, index: int, entry: dict, start: int) -> str | N
     return None
 
 
-def _intact_shards(folder: Path, entries: list[dict]) -> tuple[list[dict], str | None]:
-    """The longest run of leading shard entries that pass :func:`_shard_problem`, and the first problem (or None)."""
+def _intact_shards(folder: Path, entries: list[dict], offset: int = 0) -> tuple[list[dict], str | None]:
+    """The longest run of leading shard entries that pass :func:`_shard_problem` (the first starting at prompt
+    ``offset``), and the first problem (or None)."""
     kept: list[dict] = []
     for i, entry in enumerate(entries):
-        problem = _shard_problem(folder, i, entry, kept[-1]["prompt_end"] if kept else 0)
+        problem = _shard_problem(folder, i, entry, kept[-1]["prompt_end"] if kept else offset)
         if problem:
             return kept, problem
         kept.append(entry)
@@ -254,7 +276,7 @@ def _row_shapes(folder: Path, entries: list[dict], sites: list[str]) -> dict[str
     """Per-site row shape read from the first shard's header ({} without shards)."""
     if not entries:
         return {}
-    with safe_open(str(folder / entries[0]["file"]), framework="pt") as f:
+    with safe_open(str(shard_path(folder, entries[0]["file"])), framework="pt") as f:
         return {s: list(f.get_slice(s).get_shape()[1:]) for s in sites}
 
 
@@ -290,9 +312,10 @@ def _resume_shards(out: Path, manifest_path: Path, settings: dict) -> list[dict]
     if old.get("manifest_sha256") != _manifest_digest(old):
         warnings.warn(f"{manifest_path} was edited or damaged (its checksum does not match); keeping only the shards "
                       "that pass their own checks", stacklevel=4)
-    kept, problem = _intact_shards(out, old.get("shards", []))
+    offset = settings.get("prompt_offset", 0)
+    kept, problem = _intact_shards(out, old.get("shards", []), offset)
     if problem:
-        start = kept[-1]["prompt_end"] if kept else 0
+        start = kept[-1]["prompt_end"] if kept else offset
         warnings.warn(f"{out}: {problem}; re-capturing shard {len(kept)} and every later one (from prompt {start})",
                       stacklevel=4)
     return kept
@@ -301,10 +324,14 @@ def _resume_shards(out: Path, manifest_path: Path, settings: dict) -> list[dict]
 def write_activations(handle, prompts: Sequence[str] | Sequence[Prompt] | str | Path, sites, out: str | Path,
                       positions: str = "all", batch_size: int = 8, dtype: torch.dtype = torch.float32,
                       shard_rows: int = 4096, add_bos: bool | None = None, resume: bool = False,
-                      progress: bool = True, lock: bool = True) -> "ActivationStore":
+                      progress: bool = True, lock: bool = True, ray: str | None = None, workers: int | None = None,
+                      worker_cpus: float | None = None, worker_gpus: float | None = None,
+                      part_prompts: int | None = None) -> "ActivationStore":
     """Capture ``sites`` for every prompt and stream them to ``out`` (see the module docstring).
 
     Args:
+        handle: a loaded :class:`~hiddenlens.probes.handle.ModelHandle`; with ``ray`` also a model spec string
+            (each Ray worker loads the model itself, see :mod:`hiddenlens.probes.ray_capture`).
         prompts: non-empty strings, :class:`Prompt` objects, or a path to a ``.txt`` / ``.jsonl`` file.
         positions: ``"all"`` (every non-padding token) or ``"last"`` (the last token of each prompt).
         dtype: a floating dtype for the stored activations.
@@ -313,7 +340,45 @@ def write_activations(handle, prompts: Sequence[str] | Sequence[Prompt] | str | 
             shards that are missing or damaged are re-captured, with a warning.
         lock: hold ``out``'s folder lock for the run (another writer raises ``FolderLockedError`` at once); pass
             False only when the caller already holds ``hiddenlens.common.folders.locked(out)``.
+        ray: ``"local"`` | ``"auto"`` | a cluster address: capture on a pool of Ray workers (``workers``, each with
+            ``worker_cpus`` CPUs and ``worker_gpus`` GPUs, in parts of ``part_prompts`` prompts); the store reads
+            exactly like one written here. Without ``ray`` Ray is never imported and those four must be left unset.
     """
+    if ray is not None:
+        from .ray_capture import write_activations_ray
+
+        return write_activations_ray(handle, prompts, sites, out, ray=ray, workers=workers, worker_cpus=worker_cpus,
+                                     worker_gpus=worker_gpus, part_prompts=part_prompts, positions=positions,
+                                     batch_size=batch_size, dtype=dtype, shard_rows=shard_rows, add_bos=add_bos,
+                                     resume=resume, progress=progress, lock=lock)
+    given = [k for k, v in (("workers", workers), ("worker_cpus", worker_cpus), ("worker_gpus", worker_gpus),
+                            ("part_prompts", part_prompts)) if v is not None]
+    if given:
+        raise ValueError(f"{given} only apply to a capture on Ray: pass ray='local' | 'auto' | a cluster address "
+                         "(--ray), or leave them out")
+    prompts, resolved = _checked(handle, prompts, sites, positions, batch_size, dtype, shard_rows)
+    out = Path(out)
+    with locked(out) if lock else contextlib.nullcontext():
+        return _write(handle, prompts, resolved, out, positions, batch_size, dtype, shard_rows, add_bos, resume,
+                      progress)
+
+
+def write_part(handle, prompts: Sequence[Prompt], sites, out: str | Path, prompt_offset: int, on_batch=None,
+               positions: str = "all", batch_size: int = 8, dtype: torch.dtype = torch.float32,
+               shard_rows: int = 4096, add_bos: bool | None = None) -> "ActivationStore":
+    """One part of a ``--ray`` capture: ``prompts`` are prompts ``prompt_offset ..`` of the whole set, written (or
+    resumed: shards already there are verified and kept) as a store in ``out`` under its lock, with global
+    ``_prompt`` indices and prompt ranges. ``on_batch(n)`` is called with the number of the part's prompts done after
+    each batch (progress)."""
+    prompts, resolved = _checked(handle, prompts, sites, positions, batch_size, dtype, shard_rows)
+    out = Path(out)
+    with locked(out):
+        return _write(handle, prompts, resolved, out, positions, batch_size, dtype, shard_rows, add_bos, True,
+                      False, prompt_offset, on_batch)
+
+
+def _checked(handle, prompts, sites, positions, batch_size, dtype, shard_rows):
+    """The prompts and resolved sites of a capture; one-line errors for anything that cannot be stored row-wise."""
     prompts = as_prompts(prompts)
     _check_args(batch_size, shard_rows, dtype, positions)
     resolved = resolve_sites(sites, handle.adapter.n_layers, handle.adapter.unavailable)
@@ -321,23 +386,36 @@ def write_activations(handle, prompts: Sequence[str] | Sequence[Prompt] | str | 
     if bad:
         raise ValueError(f"{bad}: attention scores/patterns have a ragged key axis and are not stored row-wise; "
                          "reduce them in the capture (hiddenlens.capture(..., reduce=fn)) instead")
-    out = Path(out)
-    with locked(out) if lock else contextlib.nullcontext():
-        return _write(handle, prompts, resolved, out, positions, batch_size, dtype, shard_rows, add_bos, resume,
-                      progress)
+    return prompts, resolved
+
+
+def store_settings(handle, prompts: list[Prompt], site_names: list[str], positions: str, dtype: torch.dtype,
+                   add_bos: bool | None) -> dict:
+    """The settings a store's manifest records and a resume must match (computes the weights hash once)."""
+    if "weights_sha256" not in handle.info:
+        handle.info["weights_sha256"] = weights_hash(handle.hf_model)
+    return {"format": FORMAT, "model": handle.spec, "weights_sha256": handle.info["weights_sha256"],
+            "backend": handle.backend.name, "sites": site_names, "positions": positions,
+            "dtype": str(dtype).replace("torch.", ""), "add_bos": add_bos,
+            "tokenizer": getattr(handle.tokenizer, "name_or_path", None),
+            "prompt_ids_sha256": prompt_ids_sha256(prompts), "n_prompts": len(prompts)}
+
+
+def prompt_ids_sha256(prompts: list[Prompt]) -> str:
+    return hashlib.sha256("\n".join(p.id + "\t" + p.text for p in prompts).encode()).hexdigest()
 
 
 def _write(handle, prompts: list[Prompt], resolved, out: Path, positions: str, batch_size: int, dtype: torch.dtype,
-           shard_rows: int, add_bos: bool | None, resume: bool, progress: bool) -> "ActivationStore":
-    """The body of :func:`write_activations`, run under the folder lock."""
-    if "weights_sha256" not in handle.info:
-        handle.info["weights_sha256"] = weights_hash(handle.hf_model)
-    settings = {"format": FORMAT, "model": handle.spec, "weights_sha256": handle.info["weights_sha256"],
-                "backend": handle.backend.name, "sites": [s.name for s in resolved], "positions": positions,
-                "dtype": str(dtype).replace("torch.", ""), "add_bos": add_bos,
-                "tokenizer": getattr(handle.tokenizer, "name_or_path", None),
-                "prompt_ids_sha256": hashlib.sha256("\n".join(p.id + "\t" + p.text for p in prompts)
-                                                    .encode()).hexdigest(), "n_prompts": len(prompts)}
+           shard_rows: int, add_bos: bool | None, resume: bool, progress: bool, prompt_offset: int | None = None,
+           on_batch=None) -> "ActivationStore":
+    """The body of :func:`write_activations` (and of :func:`write_part`, whose prompts start at global prompt
+    ``prompt_offset``), run under the folder lock."""
+    settings = store_settings(handle, prompts, [s.name for s in resolved], positions, dtype, add_bos)
+    offset = prompt_offset or 0
+    if prompt_offset is not None:
+        settings["prompt_offset"] = prompt_offset
+    elif (out / RAY_PLAN).exists() and not (out / "manifest.json").exists():
+        raise StoreError(f"{out} holds an interrupted capture on Ray; resume it with --ray (ray=...) and --resume")
     manifest_path = out / "manifest.json"
     shards: list[dict] = []
     if manifest_path.exists():
@@ -347,7 +425,7 @@ def _write(handle, prompts: list[Prompt], resolved, out: Path, positions: str, b
         shards = _resume_shards(out, manifest_path, settings)
     out.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out, {s["file"] for s in shards})
-    done = shards[-1]["prompt_end"] if shards else 0
+    done = (shards[-1]["prompt_end"] if shards else offset) - offset
     manifest = dict(settings, prompt_ids=[p.id for p in prompts], versions=_versions(),
                     row_shapes=_row_shapes(out, shards, settings["sites"]), shards=shards)
     _write_manifest(manifest_path, manifest)
@@ -365,8 +443,8 @@ def _write(handle, prompts: list[Prompt], resolved, out: Path, positions: str, b
         path = out / f"shard-{index:05d}.safetensors"
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        entry = {"file": path.name, "rows": int(tensors["_prompt"].shape[0]), "prompt_start": shard_start,
-                 "prompt_end": prompt_end, "sha256": _sha256(path)}
+        entry = {"file": path.name, "rows": int(tensors["_prompt"].shape[0]), "prompt_start": offset + shard_start,
+                 "prompt_end": offset + prompt_end, "sha256": _sha256(path)}
         manifest["shards"].append(dict(entry, entry_sha256=_entry_digest(index, entry)))
         _write_manifest(manifest_path, manifest)
         buffer, buffered_rows, shard_start = {}, 0, prompt_end
@@ -383,7 +461,7 @@ def _write(handle, prompts: list[Prompt], resolved, out: Path, positions: str, b
             keep[:, -1] = True
         else:
             keep = mask
-        rows_prompt = torch.arange(start, start + len(chunk))[:, None].expand_as(mask)[keep]
+        rows_prompt = torch.arange(offset + start, offset + start + len(chunk))[:, None].expand_as(mask)[keep]
         pos = (mask.long().cumsum(1) - 1)[keep]
         tokens = run.input_ids.to("cpu")[keep]
         for name, value in (("_prompt", rows_prompt), ("_position", pos), ("_token", tokens)):
@@ -400,6 +478,8 @@ def _write(handle, prompts: list[Prompt], resolved, out: Path, positions: str, b
             buffer.setdefault(s.name, []).append(t.contiguous())
         buffered_rows += int(keep.sum())
         bar.update(len(chunk))
+        if on_batch is not None:
+            on_batch(start + len(chunk))
         if buffered_rows >= shard_rows:
             flush(start + len(chunk))
     flush(len(prompts))
@@ -415,17 +495,19 @@ def _check_manifest(mpath: Path, manifest: dict, allow_incomplete: bool) -> None
     fix = "re-capture the store, or resume it (--resume) to re-capture the damaged part"
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise DamagedStoreError(f"{mpath} was edited or damaged (its checksum does not match its content); {fix}")
-    end = 0
+    offset = manifest.get("prompt_offset", 0)  # a part of a --ray capture starts at its first global prompt
+    end = offset
     for i, entry in enumerate(manifest["shards"]):
         problem = _entry_problem(i, entry, end)
         if problem:
             raise DamagedStoreError(f"{mpath}: {problem}; {fix}")
         end = entry["prompt_end"]
     n = manifest["n_prompts"]
-    if manifest.get("complete") and end != n:
-        raise DamagedStoreError(f"{mpath}: marked complete but its shards cover prompts 0..{end} of {n}; {fix}")
+    if manifest.get("complete") and end != offset + n:
+        raise DamagedStoreError(f"{mpath}: marked complete but its shards cover prompts {offset}..{end}, not "
+                                f"{offset}..{offset + n}; {fix}")
     if not manifest.get("complete") and not allow_incomplete:
-        raise StoreError(f"{mpath.parent} is an incomplete store ({end} of {n} prompts captured; its run was "
+        raise StoreError(f"{mpath.parent} is an incomplete store ({end - offset} of {n} prompts captured; its run was "
                          "interrupted): resume it (hiddenlens capture ... --resume, or write_activations(..., "
                          "resume=True)), or pass allow_incomplete=True to read the finished shards")
 
@@ -444,6 +526,10 @@ class ActivationStore:
         """
         self.path = Path(path)
         mpath = self.path / "manifest.json"
+        if not mpath.is_file() and (self.path / RAY_PLAN).is_file():
+            raise StoreError(f"{self.path} is an interrupted capture on Ray (no manifest.json yet): resume it "
+                             "(hiddenlens capture ... --ray ADDRESS --resume, or write_activations(..., ray=..., "
+                             "resume=True))")
         if not mpath.is_file():
             raise StoreError(f"{self.path} is not an activation store (no manifest.json)")
         self.manifest = _load_manifest(mpath)
@@ -468,7 +554,7 @@ class ActivationStore:
 
     def _open(self, i: int):
         info = self.shards[i]
-        path = self.path / info["file"]
+        path = shard_path(self.path, info["file"])
         if not path.is_file():
             raise DamagedStoreError(f"shard {path} listed in the manifest is missing; re-capture it (--resume "
                                     "re-captures missing and damaged shards)")

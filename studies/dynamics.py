@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
 import pandas as pd
 
-from hiddenlens.analyses.checkpoints import checkpoint_label, parse_checkpoint, plot_over_checkpoints
+from hiddenlens.analyses.checkpoints import (RayHandleError, check_ray_sweep, checkpoint_labels, map_checkpoints,
+                                             parse_checkpoint, plot_over_checkpoints, stack_checkpoints)
 from hiddenlens.analyses.dynamics import (belief_state_predictability, dynamics_shares, dynamics_summary, logit_lens,
                                           residual_trajectory, token_dynamics)
 from hiddenlens.analyses.tuned_lens import TunedLens
@@ -89,17 +91,17 @@ class Result(StudyResult):
             "![example](example_rank.png)", ""])
 
 
-def run(config: DynamicsConfig, handle=None, progress: bool = True) -> Result:
-    """Run the dynamics analyses on ``config.model`` (or ``handle``) and each of ``config.checkpoints``."""
-    prompts = prompt_set(config.prompts_file, config.n_prompts, config.chars)
-    specs = [config.model] + [c for c in config.checkpoints if c]
-    examples, shares = [], []
-
-    # one lens over a checkpoint sweep is the user's choice: checked for shape on every checkpoint, for the exact
-    # weights only when there is one model (the summary records which)
-    strict_lens = len(specs) == 1
-
-    def analysis(h) -> pd.DataFrame:
+def measure_checkpoint(config: DynamicsConfig, prompts: list[str], strict_lens: bool, given: dict, spec: str) -> dict:
+    """Everything the study measures on one checkpoint, as plain tables (no model): ``dynamics`` (one row per
+    site, embed and every block), ``example_lens`` (the example's lens per position and site) and ``shares`` (the
+    share of tokens per dynamics class, with the model's spec). ``given`` maps a spec to an already loaded handle
+    (used as it is and left loaded); any other spec is loaded here and unloaded at the end."""
+    h = given.get(spec)
+    own = h is None
+    if own:
+        name, rev = parse_checkpoint(spec)
+        h = config.load(name, revision=rev)
+    try:
         tl = TunedLens.load(config.lens, h, check_weights=strict_lens) if config.lens else None
         df = dynamics_summary(h, prompts, config.batch_size, lens=tl)
         if config.belief:
@@ -108,29 +110,36 @@ def run(config: DynamicsConfig, handle=None, progress: bool = True) -> Result:
                           [["layer", "belief_r2", "belief_cosine"]], on="layer", how="left")
         traj = residual_trajectory(h, prompts[: config.batch_size], logits=False)
         norms = traj.hidden.norm(dim=-1)[:, traj.attention_mask.bool()]
-        shares.append(dynamics_shares(token_dynamics(norms)) | {"model": h.spec})
-        examples.append(logit_lens(h, config.example, target=config.target, lens=tl).assign(model=h.spec))
-        return df
+        return {"dynamics": df,
+                "example_lens": logit_lens(h, config.example, target=config.target, lens=tl).assign(model=h.spec),
+                "shares": dynamics_shares(token_dynamics(norms)) | {"model": h.spec}}
+    finally:
+        if own:
+            h.unload()
 
-    labels = [checkpoint_label(sp) for sp in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"checkpoint labels must be unique, got {labels}")
-    frames = []
-    for i, (spec, label) in enumerate(zip(specs, labels)):
-        own = not (i == 0 and handle is not None)
-        name, rev = parse_checkpoint(spec)
-        h = config.load(name, revision=rev) if own else handle
-        try:
-            frames.append(analysis(h).assign(checkpoint=label))
-        finally:
-            if own:
-                h.unload()
-    table = pd.concat(frames, ignore_index=True)
-    table = table[["checkpoint"] + [c for c in table.columns if c != "checkpoint"]]
-    ex = pd.concat([e.assign(checkpoint=lab) for e, lab in zip(examples, labels)], ignore_index=True)
-    share_df = pd.DataFrame(shares).assign(checkpoint=labels)
+
+def run(config: DynamicsConfig, handle=None, progress: bool = True, ray: str | None = None) -> Result:
+    """Run the dynamics analyses on ``config.model`` (or ``handle``) and each of ``config.checkpoints``.
+
+    ``ray``: a Ray address (``local`` | ``auto`` | a cluster address; needs checkpoints): one Ray task per
+    checkpoint, each loading its model by spec (so no ``handle``); the tables are the serial run's."""
+    prompts = prompt_set(config.prompts_file, config.n_prompts, config.chars)
+    specs = [config.model] + [c for c in config.checkpoints if c]
+    check_ray_sweep(ray, len(specs) - 1)
+    if ray is not None and handle is not None:
+        raise RayHandleError("run(..., ray=...) loads every checkpoint by spec in its Ray worker: call it without "
+                             "handle= (config.model is loaded there)")
+    labels = checkpoint_labels(specs)
+    # one lens over a checkpoint sweep is the user's choice: checked for shape on every checkpoint, for the exact
+    # weights only when there is one model (the summary records which)
+    strict_lens = len(specs) == 1
+    given = {} if handle is None else {specs[0]: handle}
+    parts = map_checkpoints(partial(measure_checkpoint, config, prompts, strict_lens, given), specs, ray=ray,
+                            progress=progress)
+    table = stack_checkpoints([p["dynamics"] for p in parts], labels)
+    ex = pd.concat([p["example_lens"].assign(checkpoint=lab) for p, lab in zip(parts, labels)], ignore_index=True)
+    share_df = pd.DataFrame([p["shares"] for p in parts]).assign(checkpoint=labels)
     summary = {"checkpoints": specs, "n_prompts": len(prompts), "lens": str(config.lens) if config.lens else "logit",
                "lens_weights_checked": bool(config.lens) and strict_lens,
                "token_dynamics": share_df.to_dict(orient="records")}
     return Result(config, summary, {"dynamics": table, "example_lens": ex, "token_dynamics": share_df})
-

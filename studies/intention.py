@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from hiddenlens.analyses.arithmetic import gsm8k_problems, make_problems
-from hiddenlens.analyses.checkpoints import checkpoint_label, parse_checkpoint, plot_over_checkpoints
+from hiddenlens.analyses.checkpoints import (RayHandleError, check_ray_sweep, checkpoint_label, map_checkpoints,
+                                             parse_checkpoint, plot_over_checkpoints)
 from hiddenlens.analyses.regimes import PAPER_TABLE, REGIMES, paired_differences, run_regimes
 from hiddenlens.common.stats import markdown_table
 from hiddenlens.probes.sites import parse_layers
@@ -123,39 +125,57 @@ def _problems(config: IntentionConfig):
 
 
 def run(config: IntentionConfig, handle=None, progress: bool = True,
-        on_regime: Callable[[Result], None] | None = None) -> Result:
+        on_regime: Callable[[Result], None] | None = None, ray: str | None = None) -> Result:
     """Run the regimes on ``config.model`` (or ``handle``) and each of ``config.checkpoints``; ``on_regime`` gets the
     partial :class:`Result` after each regime (e.g. ``lambda r: r.write(folder)``, so a stopped run keeps what
-    finished)."""
+    finished). ``ray`` (a Ray address: ``local`` | ``auto`` | a cluster address; needs checkpoints): one Ray task
+    per checkpoint, each loading its model by spec (so no ``handle``), with the serial run's tables; ``on_regime``
+    is then called as each checkpoint finishes."""
     problems = _problems(config)
     specs = [config.model] + [c for c in config.checkpoints if c]
+    check_ray_sweep(ray, len(specs) - 1)
+    if ray is not None and handle is not None:
+        raise RayHandleError("run(..., ray=...) loads every checkpoint by spec in its Ray worker: call it without "
+                             "handle= (config.model is loaded there)")
     several = len(specs) > 1
-    done: list[tuple[str, object]] = []
+    done: dict[int, tuple[str, object]] = {}
 
     def result(extra=None) -> Result:
-        return _result(config, done + ([extra] if extra else []), several)
+        return _result(config, [done[i] for i in sorted(done)] + ([extra] if extra else []), several)
 
-    for i, spec in enumerate(specs):
-        label = checkpoint_label(spec)
-        own = not (i == 0 and handle is not None)
-        if own:
-            name, rev = parse_checkpoint(spec)
-            h = config.load(name, revision=rev)
-        else:
-            h = handle
-        try:
-            layers = None if config.layers in (None, "", []) else parse_layers(config.layers, h.n_layers, "layers")
-            res = run_regimes(h, problems, regimes=config.regimes, shots=config.shots, layers=layers,
-                              batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                              post_collapse=config.post_collapse, n_boot=config.n_boot, seed=config.boot_seed,
-                              progress=progress,
-                              on_regime=None if on_regime is None else (
-                                  lambda partial, lab=label: on_regime(result((lab, partial)))))
-        finally:
-            if own:
-                h.unload()
-        done.append((label, res))
+    def finished(i: int, res) -> None:
+        done[i] = (checkpoint_label(specs[i]), res)
+        if on_regime is not None and ray is not None:
+            on_regime(result())
+
+    per_regime = None if on_regime is None or ray is not None else (
+        lambda label, partial_res: on_regime(result((label, partial_res))))
+    given = {} if handle is None else {specs[0]: handle}
+    fn = partial(_regimes_of, config, problems, given, per_regime, progress and ray is None)
+    map_checkpoints(fn, specs, ray=ray, progress=progress, on_result=finished)
     return result()
+
+
+def _regimes_of(config: IntentionConfig, problems: list, given: dict, per_regime: Callable | None, progress: bool,
+                spec: str):
+    """:func:`~hiddenlens.analyses.regimes.run_regimes` on one checkpoint (``given[spec]`` if loaded, else loaded
+    here and unloaded at the end); ``per_regime(label, partial)`` after each regime."""
+    label = checkpoint_label(spec)
+    h = given.get(spec)
+    own = h is None
+    if own:
+        name, rev = parse_checkpoint(spec)
+        h = config.load(name, revision=rev)
+    try:
+        layers = None if config.layers in (None, "", []) else parse_layers(config.layers, h.n_layers, "layers")
+        return run_regimes(h, problems, regimes=config.regimes, shots=config.shots, layers=layers,
+                           batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                           post_collapse=config.post_collapse, n_boot=config.n_boot, seed=config.boot_seed,
+                           progress=progress,
+                           on_regime=None if per_regime is None else partial(per_regime, label))
+    finally:
+        if own:
+            h.unload()
 
 
 def result_of(config: IntentionConfig, res, label: str | None = None) -> Result:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
-
 from hiddenlens.analyses import sinks
+from hiddenlens.analyses.checkpoints import check_ray_sweep, map_checkpoints
 from hiddenlens.analyses.bb_metrics import bb_metrics, flat_metrics
 from hiddenlens.analyses.sinks_figures import bb_curves_figure, norm_profile_figure, sink_map_figure
 from hiddenlens.common.stats import markdown_table
@@ -116,11 +116,13 @@ class Result(StudyResult):
         return "\n".join(lines)
 
 
-def run(config: SinksConfig, handle=None, progress: bool = True) -> Result:
+def run(config: SinksConfig, handle=None, progress: bool = True, ray: str | None = None) -> Result:
     """The model study on ``handle`` (default: ``config``'s model), or the checkpoint study when
-    ``config.checkpoints`` names a folder."""
+    ``config.checkpoints`` names a folder; ``ray`` (a Ray address: ``local`` | ``auto`` | a cluster address, only
+    with checkpoints) runs that one as one Ray task per checkpoint, with the serial run's table."""
+    check_ray_sweep(ray, 1 if config.checkpoints else 0)
     if config.checkpoints:
-        return _checkpoints(config, progress)
+        return _checkpoints(config, progress, ray)
     if config.domains is not None and len(config.domains) != 2:
         raise ValueError(f"the study contrasts exactly 2 domains, got {list(config.domains)}")
     handle = handle if handle is not None else config.load()
@@ -190,8 +192,9 @@ def _model(c: SinksConfig, handle, progress: bool) -> Result:
     return Result(c, summary, tables)
 
 
-def _checkpoints(c: SinksConfig, progress: bool) -> Result:
-    """Sink metrics of every checkpoint under ``c.checkpoints``, as curves over training steps.
+def _checkpoints(c: SinksConfig, progress: bool, ray: str | None = None) -> Result:
+    """Sink metrics of every checkpoint under ``c.checkpoints``, as curves over training steps, one checkpoint at a
+    time or one Ray task per checkpoint (``ray``, see :func:`hiddenlens.analyses.checkpoints.map_checkpoints`).
 
     Bigram-Backcopy checkpoints use :func:`hiddenlens.analyses.bb_metrics.bb_metrics` (trigger-aware); other
     checkpoints (transformers folders named by step, e.g. ``step_1000``) use :func:`sinks.sink_analysis` on prose
@@ -201,7 +204,6 @@ def _checkpoints(c: SinksConfig, progress: bool) -> Result:
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     marked = sorted(folder.glob(f"*/{MARKER}")) or sorted(folder.glob(MARKER))
     is_bb = bool(marked) and all(json.loads(m.read_text()).get("kind") == KIND for m in marked)
-    rows = []
     if is_bb:
         ckpts = list_checkpoints(folder)
         meta = json.loads((ckpts[0] / MARKER).read_text())
@@ -210,29 +212,44 @@ def _checkpoints(c: SinksConfig, progress: bool) -> Result:
             raise ValueError("these BB checkpoints were trained on a different character set than this Python's "
                              "pydoc_data.topics; evaluate them with the Python that trained them")
         gen = BBGenerator(stats, k=meta["config"]["k"], seq_length=meta["config"]["seq_length"])
-        for ck in tqdm(ckpts, desc="checkpoints", unit="ckpt", disable=not progress):
-            handle = c.load(str(ck))
-            variant = meta["attention"] + "/" + meta["config"]["optimizer"]
-            rows.append({"step": checkpoint_step(ck), "variant": variant, "seed": meta["config"]["seed"]}
-                        | flat_metrics(bb_metrics(handle, gen, c.eval_seqs)))
-            handle.unload()
+        fn = partial(_bb_rows, c, gen, meta)
     else:
         ckpts = sorted((p for p in folder.iterdir() if (p / "config.json").is_file() or (p / MARKER).is_file()),
                        key=lambda p: int("".join(ch for ch in p.name if ch.isdigit()) or 0))
         if not ckpts:
             raise FileNotFoundError(f"no checkpoints (folders with config.json or {MARKER}) under {folder}")
-        for ck in ckpts:
-            handle = c.load(str(ck))
-            ps = sinks.default_domains(handle, c.n_prompts, c.n_tokens)["prose"]
-            r = sinks.sink_analysis(handle, ps, max_tokens=c.n_tokens, progress=progress)
-            step = int("".join(ch for ch in ck.name if ch.isdigit()) or 0)
-            for _, lay in r.layers.iterrows():
-                rows.append({"step": step, "checkpoint": ck.name} | lay.to_dict())
-            handle.unload()
-    df = pd.DataFrame(rows)
+        fn = partial(_prose_rows, c, progress and ray is None)
+    parts = map_checkpoints(fn, [str(ck) for ck in ckpts], ray=ray, progress=progress)
+    df = pd.DataFrame([row for rows in parts for row in rows])
     summary = {"folder": str(folder), "n_checkpoints": len(ckpts), "bigram_backcopy": is_bb,
                "last": df[df.step == df.step.max()].to_dict("records")}
     return Result(c, summary, {"checkpoints": df})
+
+
+def _bb_rows(c: SinksConfig, gen: BBGenerator, meta: dict, checkpoint: str) -> list[dict]:
+    """One row of trigger-aware metrics (:func:`flat_metrics` of :func:`bb_metrics` on ``c.eval_seqs`` sequences)
+    for the BB checkpoint folder ``checkpoint``."""
+    handle = c.load(checkpoint)
+    try:
+        metrics = flat_metrics(bb_metrics(handle, gen, c.eval_seqs))
+    finally:
+        handle.unload()
+    variant = meta["attention"] + "/" + meta["config"]["optimizer"]
+    return [{"step": checkpoint_step(checkpoint), "variant": variant, "seed": meta["config"]["seed"]} | metrics]
+
+
+def _prose_rows(c: SinksConfig, progress: bool, checkpoint: str) -> list[dict]:
+    """One row per layer (:func:`sinks.sink_analysis` layer means on ``c.n_prompts`` prose passages of
+    ``c.n_tokens`` tokens) for the transformers checkpoint folder ``checkpoint``, its step read from its name."""
+    handle = c.load(checkpoint)
+    try:
+        ps = sinks.default_domains(handle, c.n_prompts, c.n_tokens)["prose"]
+        r = sinks.sink_analysis(handle, ps, max_tokens=c.n_tokens, progress=progress)
+    finally:
+        handle.unload()
+    name = Path(checkpoint).name
+    step = int("".join(ch for ch in name if ch.isdigit()) or 0)
+    return [{"step": step, "checkpoint": name} | lay.to_dict() for _, lay in r.layers.iterrows()]
 
 
 def _generic_curves(df: pd.DataFrame):

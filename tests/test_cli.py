@@ -14,7 +14,7 @@ from hiddenlens.cli import app, main
 TOP = {"info", "capture", "demo", "dashboard", "train-lens", "train-decider", "patch", "doctor", "analyze", "bench",
        "bb", "truth", "steer"}
 GROUPS = {"analyze": {"intention", "dynamics", "sinks", "leakage", "iteration"},
-          "bench": {"capture", "store", "dimensionality", "steer"}, "bb": {"train", "reproduce"},
+          "bench": {"capture", "store", "dimensionality", "steer", "gpu", "ray"}, "bb": {"train", "reproduce"},
           "truth": {"directions"}, "steer": {"run", "eval"}}
 #: commands that load a model offer the shared options
 LOADERS = [["info"], ["capture"], ["demo"], ["dashboard"], ["train-lens"], ["train-decider"],

@@ -21,6 +21,7 @@ WRITES = {
     "performance.py": ["performance.png"],
     "quickstart.py": ["quickstart.png"],
     "reliability.py": ["reliability.png"],
+    "scale.py": ["scale.png"],
     "replace.py": ["replace.png"],
     "steering.py": ["steering.png"],
     "truth.py": ["truth.png", "truth/report.md", "truth/direction_mass_mean.json"],
@@ -28,7 +29,7 @@ WRITES = {
 #: examples that read another example's output (run first, into the same folder)
 NEEDS = {"steering.py": "truth.py"}
 #: examples that run without the embedded model
-NOT_EMBEDDED = {"performance.py", "reliability.py"}
+NOT_EMBEDDED = {"performance.py", "reliability.py", "scale.py"}
 
 
 def test_every_example_is_listed():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hiddenlens as hl
+from hiddenlens.probes.positions import PositionError
 
 PROMPTS = ["The capital of France is", "In the beginning the", "A"]
 
@@ -157,8 +158,11 @@ def test_bad_edits_fail_loudly(tiny_llama):
     with pytest.raises(ValueError, match="region's shape"):
         with hl.edit(h, {"blocks.0.resid_post": hl.Apply(lambda r, w: r[:, :1])}):
             h.run(PROMPTS[:1])
-    with pytest.raises(hl.EditNotAppliedError, match="selected no entry"):
+    with pytest.raises(PositionError, match="position 100 is outside the input"):
         with hl.edit(h, {"blocks.0.resid_post": hl.Zero()}, positions=[100]):
+            h.run(PROMPTS[:1])
+    with pytest.raises(hl.EditNotAppliedError, match="selected no entry"):  # a slice past the end names no index
+        with hl.edit(h, {"blocks.0.resid_post": hl.Zero()}, positions=slice(100, 200)):
             h.run(PROMPTS[:1])
     with pytest.raises(hl.EditNotAppliedError, match="never ran"):
         with hl.edit(h, {"blocks.0.resid_post": hl.Zero()}):

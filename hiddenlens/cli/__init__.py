@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _state["debug"] = False
     try:
-        app(args=argv, prog_name="hiddenlens", standalone_mode=False)
+        status = app(args=argv, prog_name="hiddenlens", standalone_mode=False)
     except USER_ERRORS as exc:
         if _debug():
             raise
@@ -86,3 +86,4 @@ def main(argv: list[str] | None = None) -> None:
         where = f"; see '{exc.ctx.command_path} --help'" if getattr(exc, "ctx", None) is not None else ""
         typer.echo(f"error: {error_message(Exception(exc.format_message())).rstrip('.')}{where}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(status if isinstance(status, int) else 0)  # as click's standalone mode does: --help returns 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
+
+from hiddenlens.analyses.checkpoints import check_ray_sweep
 
 from . import options as o
 from .options import (DEFAULT_MODEL, Backend, BatchSize, Device, Dtype, Model, Name, OptionalOut, Threads, console,
@@ -15,6 +17,10 @@ app = typer.Typer(help="Studies over prompt sets and checkpoints; each writes a 
                   no_args_is_help=True)
 
 CHECKPOINTS_HELP = "more checkpoints (dirs, hub ids, id@rev); repeat or comma-separate"
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="ADDRESS", help="one Ray task per checkpoint (needs --checkpoints and pip install "
+    "'hiddenlens\\[ray]'): local (a private cluster on this machine) | auto (the cluster this machine runs) | a "
+    "cluster address such as ray://host:10001; the tables are those of the serial run")]
 #: ``analyze sinks`` options a run over ``--checkpoints`` does not use (giving one is an error, not ignored)
 SINKS_IGNORED_WITH_CHECKPOINTS = ("model", "domain", "batch_size", "causal_heads", "causal_prompts", "tau", "eps")
 
@@ -69,10 +75,12 @@ def intention(
         max_new_tokens: Optional[str] = typer.Option(None, help="per-regime budgets, e.g. direct=16,cot=96,babble=64"),
         post_collapse: bool = typer.Option(False, help="also the v1 post-collapse state (final decode step)"),
         gsm8k: bool = typer.Option(False, help="use GSM8K (needs `datasets` and the hub) instead of the offline set"),
+        ray: RayAddress = None,
 ) -> None:
     """The regime experiment (direct / CoT / babble): accuracy, H_int, dim_eff, Recov, beside the paper."""
     from hiddenlens.studies import intention as study
 
+    check_ray_sweep(ray, len(o.csv_list(checkpoints)))
     folder = out_folder(out, study.STUDY, name)
     handle = o.load(model, backend, device, dtype)
     config = study.IntentionConfig(model=model, backend=backend, device=device, dtype=dtype,
@@ -80,10 +88,13 @@ def intention(
                                    regimes=[r.strip() for r in regimes.split(",") if r.strip()], shots=shots,
                                    layers=o.layers(layers, handle.n_layers), batch_size=batch_size,
                                    max_new_tokens=_budgets(max_new_tokens), post_collapse=post_collapse, gsm8k=gsm8k)
+    if ray is not None:
+        handle.unload()  # loaded here for --layers only: every Ray worker loads its own checkpoint
     try:
-        # each finished regime replaces the partial folder (marked incomplete); the last write marks it complete
-        res = study.run(config, handle, on_regime=lambda partial: partial.write(folder, overwrite=True,
-                                                                               complete=False))
+        # each finished regime (checkpoint, with --ray) replaces the partial folder (marked incomplete); the last
+        # write marks it complete
+        res = study.run(config, None if ray is not None else handle, ray=ray,
+                        on_regime=lambda partial: partial.write(folder, overwrite=True, complete=False))
     finally:
         handle.unload()
     res.write(folder, overwrite=True)
@@ -106,17 +117,19 @@ def dynamics(
         belief: bool = typer.Option(True, help="also belief-state predictability per layer"),
         example: str = typer.Option("The capital of France is", help="prompt for the per-position lens table"),
         target: str = typer.Option(" Paris", help="target token for the example's rank trajectory"),
+        ray: RayAddress = None,
 ) -> None:
     """Per-layer lens statistics, geometry, token dynamics and belief-state R^2 (streamed over prompts)."""
     from hiddenlens.studies import dynamics as study
 
+    check_ray_sweep(ray, len(o.csv_list(checkpoints)))
     folder = out_folder(out, study.STUDY, name)
     config = study.DynamicsConfig(model=model, backend=backend, device=device, dtype=dtype,
                                   checkpoints=o.csv_list(checkpoints),
                                   prompts_file=str(prompts_file) if prompts_file else None, n_prompts=n_prompts,
                                   chars=chars, batch_size=batch_size, lens=str(lens) if lens else None,
                                   belief=belief, example=example, target=target)
-    res = study.run(config)
+    res = study.run(config, ray=ray)
     res.write(folder)
     console.print(res.tables["dynamics"].round(3).to_string())
     console.print(f"report written to {folder}")
@@ -138,10 +151,12 @@ def sinks(
         causal_prompts: int = typer.Option(8, min=1, help="prompts per domain for the causal confirmation"),
         tau: float = typer.Option(0.8, min=0.0, max=1.0, help="dormancy threshold (INFERRED default)"),
         eps: float = typer.Option(0.01, min=0.0, help="|delta CE| (nats) under which an intervention 'changes "
-                                  "little'")) -> None:
+                                  "little'"),
+        ray: RayAddress = None) -> None:
     """Attention sinks, value drains, residual peaks and active-dormant heads ("Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs" (arXiv 2410.13835))."""
     from hiddenlens.studies import sinks as study
 
+    check_ray_sweep(ray, 0 if checkpoints is None else 1)
     if checkpoints is not None:
         _refuse_given(ctx, SINKS_IGNORED_WITH_CHECKPOINTS, "--checkpoints measures every checkpoint under it")
     folder = out_folder(out, study.STUDY, name)
@@ -152,7 +167,7 @@ def sinks(
                                checkpoints=str(checkpoints) if checkpoints else None, domains=domains,
                                n_prompts=n_prompts, n_tokens=n_tokens, batch_size=batch_size,
                                causal_heads=causal_heads, causal_prompts=causal_prompts, tau=tau, eps=eps)
-    res = study.run(config)
+    res = study.run(config, ray=ray)
     res.write(folder)
     if res.over_checkpoints:
         df = res.tables["checkpoints"]

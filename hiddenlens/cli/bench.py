@@ -1,4 +1,4 @@
-"""``hiddenlens bench capture | store | dimensionality | steer``: benchmarks that print a table and write JSON."""
+"""``hiddenlens bench capture | store | dimensionality | steer | gpu | ray``: benchmarks that print a table and write JSON."""
 from __future__ import annotations
 
 import json
@@ -69,3 +69,25 @@ def steer(model: Model = DEFAULT_MODEL, device: Device = "auto", dtype: Dtype = 
     res = run_steer_benchmark(model, layer, alpha, new_tokens, (1, 8), repeats, peers, str(out), device=device,
                               dtype=dtype)
     typer.echo(json.dumps({"written": str(out), "rows": len(res["rows"])}))
+
+
+@app.command("gpu")
+def gpu(cpu: bool = typer.Option(False, "--cpu", help="the small CPU smoke run (tiny models) instead of the GPU run"),
+        out: Optional[Path] = typer.Option(None, help="JSON result")) -> None:
+    """The prepared GPU check (benchmarks/gpu_check.py): bf16 parity, capture / steering / backend overheads, a
+    random 1B Llama; one table, under 5 minutes on a lent GPU."""
+    from hiddenlens.benchmarks.gpu_check import main as gpu_main
+
+    status = gpu_main((["--cpu"] if cpu else []) + (["--out", str(out)] if out else []))
+    if status:
+        raise typer.Exit(status)
+
+
+@app.command("ray")
+def ray(model: Model = DEFAULT_MODEL, prompts: int = typer.Option(160, min=8, help="prompts captured"),
+        site: str = typer.Option("blocks.15.resid_post", help="the site captured"), batch_size: BatchSize = 8,
+        out: Optional[Path] = typer.Option(None, help="JSON result")) -> None:
+    """Rows/s of `capture --ray local` with 1 and 2 workers beside the plain single-process capture."""
+    from hiddenlens.benchmarks.ray_capture import print_table, run_ray_benchmark
+
+    print_table(run_ray_benchmark(model, prompts, site, batch_size, out), console)

@@ -16,25 +16,34 @@ last block it needs (``tracer.stop()``).
 Generate: ``lm.generate`` (nnsight's); while blocks are open, their sites are read and edited at every step by
 the same dispatcher hooks as the ``hf`` backend, on the modules nnsight wraps.
 
-Remote execution (NDIF, ``handle.run(prompts, remote=True)``, needs an API key and a model NDIF hosts): reads only,
-saved inside the trace and recorded after it; edits and attention-weight sites raise. It cannot be exercised
-offline.
+Remote execution (NDIF): ``handle.run(prompts, remote=True)`` / ``handle.generate(..., remote=True)`` pass
+``remote`` to nnsight (``True``: NDIF with nnsight's own API key, ``NDIF_API_KEY`` or ``nnsight.CONFIG``; a host
+URL; ``"local"``: nnsight's local simulation, which serializes the trace as for NDIF and runs it here with
+hiddenlens hidden). The remote trace body uses nnsight and torch only: it saves each needed module tensor before
+any edit, applies edits shipped as ``x * mult + add`` tensors (Add, Set, Scale, Zero, Patch), and the blocks' reads
+and edit logs run here on the saved tensors afterwards. Function edits (``Apply``), attention-weight sites and
+reads or edits during a remote ``generate`` raise :class:`BackendError`.
 """
 from __future__ import annotations
 
 import contextvars
+import copy
+from collections import defaultdict
 from functools import partial
 from typing import Callable
 
 import torch
 
+from hiddenlens.models.loading import input_device
+
 from .. import context
 from ..attention import attach_attention
+from ..edit import Add, Patch, Scale, Set, Zero
+from ..positions import PositionRange
 from ..sites import Site
 from .errors import BackendError
 from .hf import HFBackend, site_point
 from .hooks import acquire_all, hidden_arg, process, untuple
-
 
 
 def wrap_nnsight(handle):
@@ -47,27 +56,39 @@ def wrap_nnsight(handle):
     return TransformersModel(handle.hf_model, tokenizer=handle.tokenizer, task="text-generation")
 
 
-def _execution_order(model: torch.nn.Module) -> dict[tuple[str, str], int]:
-    """Rank of every module's input and output in one forward (measured on two tokens, by hooks removed at once)."""
+def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], tuple]]:
+    """Rank of every module's input and output in one forward (measured on two tokens, by hooks removed at once),
+    and the trailing shape (after ``[batch, pos]``) of each one's hidden tensor."""
     order: dict[tuple[str, str], int] = {}
+    trail: dict[tuple[str, str], tuple] = {}
     handles = []
 
-    def mark(name, where):
-        def hook(*_):
-            order.setdefault((name, where), len(order))
+    def note(key, t):
+        order.setdefault(key, len(order))
+        if isinstance(t, torch.Tensor) and t.ndim >= 2:
+            trail.setdefault(key, tuple(t.shape[2:]))
+
+    def mark_input(name):
+        def hook(mod, args, kwargs):
+            note((name, "input"), args[0] if args else kwargs.get("hidden_states"))
+        return hook
+
+    def mark_output(name):
+        def hook(mod, args, output):
+            note((name, "output"), untuple(output))
         return hook
 
     try:
         for name, mod in model.named_modules():
-            handles.append(mod.register_forward_pre_hook(mark(name, "input")))
-            handles.append(mod.register_forward_hook(mark(name, "output")))
+            handles.append(mod.register_forward_pre_hook(mark_input(name), with_kwargs=True))
+            handles.append(mod.register_forward_hook(mark_output(name)))
         with torch.no_grad():
-            ids = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
+            ids = torch.zeros((1, 2), dtype=torch.long, device=input_device(model))
             model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return order
+    return order, trail
 
 
 def _envoy(lm, name: str):
@@ -88,6 +109,7 @@ class NNsightBackend:
         self._hf = HFBackend(handle)
         self._names = {id(m): n for n, m in handle.hf_model.named_modules()}
         self._order: dict[tuple[str, str], int] | None = None
+        self._trail: dict[tuple[str, str], tuple[int, ...]] = {}
 
     @property
     def model(self) -> torch.nn.Module:
@@ -113,13 +135,16 @@ class NNsightBackend:
     tap = attach
     edit = attach
 
-    def forward(self, batch, logits: bool = True, stop_after: int | None = None, remote: bool = False, **kwargs):
+    def forward(self, batch, logits: bool = True, stop_after: int | None = None, remote: bool | str = False,
+                **kwargs):
+        """One ``lm.trace``. ``remote``: False (here), True (NDIF), ``"local"`` (nnsight's local simulation of
+        the remote path) or an NDIF host URL; see :meth:`_forward_remote`."""
         lm, handle = self.lm, self.handle
         blocks = context.open_blocks(handle)
-        if remote and any(b.writes for b in blocks):
-            raise BackendError(self.name, "edit with remote=True", "run edits locally (remote=False)")
+        if remote:
+            self._check_remote(blocks)
         if self._order is None:  # measured in an empty context: the open blocks must not see that forward
-            self._order = contextvars.Context().run(_execution_order, handle.hf_model)
+            self._order, self._trail = contextvars.Context().run(_execution_order, handle.hf_model)
         points = self._points(blocks)
         keys = sorted(points, key=self._order.__getitem__)
         head = (self._names[id(handle.adapter.unembedding(handle.hf_model))], "output")
@@ -127,16 +152,15 @@ class NNsightBackend:
                   "position_ids": kwargs.pop("position_ids", batch.position_ids)}
         for b in blocks:  # before the trace: attention sites are handled by the eager switch while it runs
             b.begin_forward(0, batch.attention_mask, batch.input_ids.shape[1])
+        if remote:
+            return self._forward_remote(inputs, blocks, points, keys, head if logits else None, remote, kwargs)
         saved: dict = {}
         stop = not logits and bool(keys) and not any(k == head for k in keys)
-        with lm.trace(inputs, remote=remote, **kwargs) as tracer:
+        with lm.trace(inputs, **kwargs) as tracer:
             for name, where in keys:
                 envoy = _envoy(lm, name)
                 raw = envoy.inputs if where == "input" else envoy.output
                 tensor = hidden_arg(*raw) if where == "input" else untuple(raw)
-                if remote:
-                    saved[(name, where)] = tensor.save()
-                    continue
                 new = process(handle, points[(name, where)], tensor, blocks)
                 if new is not None:
                     if where == "input":
@@ -148,13 +172,50 @@ class NNsightBackend:
                 saved[head] = _envoy(lm, head[0]).output.save()
             elif stop:
                 tracer.stop()
-        for key, value in saved.items():
-            if key != head:
-                process(handle, points[key], value, blocks)
         return saved[head] if logits else None
 
-    def generate(self, batch, max_new_tokens: int, do_sample: bool, output_scores: bool, streamer=None, **kwargs):
-        """nnsight's ``lm.generate``; open blocks read and edit every step through hooks on the wrapped modules."""
+    def _forward_remote(self, inputs, blocks, points, keys, head, remote, kwargs):
+        """A trace whose body uses nnsight and torch only, so that NDIF (which has no hiddenlens) can run it.
+
+        Each needed module input / output is saved *before* any edit (``clone().save()``) and comes back after the
+        trace, where the blocks' edits and reads run on it here, in execution order (so reads, edit logs and
+        ``fired`` counts are what a local run gives). Edits are shipped as an elementwise ``x * mult + add`` in the
+        module's own layout, ``mult`` and ``add`` found by running the edit on probe tensors of zeros and ones
+        (exact for Add, Set, Scale, Zero and Patch; :class:`~hiddenlens.probes.edit.Apply` (any function) and
+        attention-weight sites raise :class:`BackendError`). The API key is nnsight's own (``NDIF_API_KEY`` or
+        ``nnsight.CONFIG``); hiddenlens never reads or stores it."""
+        handle = self.handle
+        b_, p_ = inputs["input_ids"].shape
+        plan = []
+        for name, where in keys:
+            shape = (b_, p_) + self._trail[(name, where)]
+            mult, add = _affine(handle, points[(name, where)], shape, handle.dtype, handle.device, blocks)
+            plan.append((_envoy(self.lm, name), where == "input", mult, add))
+        head_envoy = _envoy(self.lm, head[0]) if head is not None else None
+        values = _remote_trace(self.lm, inputs, plan, head_envoy, remote, kwargs)
+        for key, value in zip(keys, values):
+            process(handle, points[key], value, blocks)
+        return values[-1] if head is not None else None
+
+    def _check_remote(self, blocks) -> None:
+        """Raise :class:`BackendError` for what the remote body cannot do (it runs no hiddenlens code)."""
+        for b in blocks:
+            attention = [s.name for s in b.sites if s.kind in ("attn.scores", "attn.pattern")]
+            if attention:
+                raise BackendError(self.name, f"read or edit {attention[0]} with remote=True (attention weights "
+                                   "need hiddenlens' eager-attention switch on the server)", "use remote=False")
+            for site, op in getattr(b, "ops", {}).items():
+                if not isinstance(op, _AFFINE_OPS):
+                    raise BackendError(self.name, f"apply {op!r} at {site.name} with remote=True (only Add, Set, "
+                                       "Scale, Zero and Patch travel to the server as tensors)", "use remote=False")
+
+    def generate(self, batch, max_new_tokens: int, do_sample: bool, output_scores: bool, streamer=None,
+                 remote: bool | str = False, **kwargs):
+        """nnsight's ``lm.generate``; open blocks read and edit every step through hooks on the wrapped modules.
+        ``remote`` (as for :meth:`forward`) is passed to nnsight; with an open capture or edit it raises
+        :class:`BackendError`: those per-step hooks are hiddenlens code, which does not run on NDIF."""
+        if remote:
+            return self._generate_remote(batch, max_new_tokens, do_sample, output_scores, streamer, remote, kwargs)
         if output_scores or streamer is not None:
             raise BackendError(self.name, "return per-step scores or stream tokens from generate",
                                "use backend='hf' or 'transformer_lens' for output_scores / streamer")
@@ -166,3 +227,80 @@ class NNsightBackend:
         finally:
             release()
         return seqs, []
+
+    def _generate_remote(self, batch, max_new_tokens, do_sample, output_scores, streamer, remote, kwargs):
+        """``lm.generate(..., remote=remote)`` with nothing open on the handle; returns ``(sequences, [])``."""
+        if context.open_blocks(self.handle):
+            raise BackendError(self.name, "read or edit during generate with remote=True (per-step reads and edits "
+                               "are hiddenlens hooks, which do not run on the server)",
+                               "use handle.run(..., remote=True) for reads and edits of one forward, or remote=False")
+        if output_scores or streamer is not None:
+            raise BackendError(self.name, "return per-step scores or stream tokens from generate",
+                               "use backend='hf' or 'transformer_lens' for output_scores / streamer")
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        seqs = _remote_generate(self.lm, inputs, remote, dict(kwargs, max_new_tokens=max_new_tokens,
+                                                              do_sample=do_sample,
+                                                              pad_token_id=self.handle.tokenizer.pad_token_id))
+        return seqs.to(batch.input_ids.device), []
+
+
+_AFFINE_OPS = (Add, Set, Scale, Zero, Patch)
+
+
+def _affine(handle, sites: dict, shape: tuple, dtype, device, blocks) -> tuple:
+    """``(mult, add)`` in a module's layout ``shape`` such that ``x * mult + add`` is what the open edits do to
+    that module tensor ``x`` (None, None: no edit touches it). Found by running the edits (on copies of the
+    blocks, so their logs are untouched) on zeros and on ones; ``mult`` is exactly 1 where ``f(1) == f(0) + 1``
+    (an Add), so that ``x + add`` rounds as the local edit does."""
+    writers = tuple(_dry_copy(b) for b in blocks if b.writes and any(s in b.site_set for s in sites))
+    if not writers:
+        return None, None
+    zeros, ones = torch.zeros(shape, dtype=dtype, device=device), torch.ones(shape, dtype=dtype, device=device)
+    f0 = process(handle, sites, zeros, writers)
+    f1 = process(handle, sites, ones, writers)
+    f0 = zeros if f0 is None else f0
+    f1 = ones if f1 is None else f1
+    mult = torch.where(f1 == f0 + 1, torch.ones_like(f1), f1 - f0)
+    return mult, f0
+
+
+def _dry_copy(block):
+    """A shallow copy of an edit block whose logs are fresh (so probing it changes nothing the user reads)."""
+    dry = copy.copy(block)
+    dry.fired, dry.selected = dict(block.fired), dict(block.selected)
+    dry.changes, dry._range = defaultdict(dict), PositionRange()
+    return dry
+
+
+def _remote_trace(lm, inputs: dict, plan: list, head_envoy, remote, kwargs: dict) -> list:
+    """Run one trace with ``remote`` and return the saved tensors: each planned module input / output before its
+    edit, then (with ``head_envoy``) the logits. The body uses only nnsight and torch: it is what travels to the
+    server. ``plan``: ``[(envoy, is_input, mult | None, add | None)]`` in execution order."""
+    import nnsight
+
+    with lm.trace(inputs, remote=remote, **kwargs):
+        values = nnsight.save(list())
+        for envoy, is_input, mult, add in plan:
+            raw = envoy.input if is_input else envoy.output
+            tensor = raw[0] if isinstance(raw, tuple) else raw
+            values.append(tensor.clone())
+            if mult is not None:
+                new = tensor * mult.to(tensor.device) + add.to(tensor.device)
+                if is_input:
+                    envoy.input = new
+                elif isinstance(raw, tuple):
+                    envoy.output = (new,) + tuple(raw[1:])
+                else:
+                    envoy.output = new
+        if head_envoy is not None:
+            values.append(head_envoy.output)
+    return values
+
+
+def _remote_generate(lm, inputs: dict, remote, kwargs: dict) -> torch.Tensor:
+    """``lm.generate`` with ``remote``; the generated ``sequences`` (the body uses only nnsight)."""
+    import nnsight
+
+    with lm.generate(inputs, remote=remote, **kwargs) as tracer:
+        out = nnsight.save(tracer.result)
+    return out
