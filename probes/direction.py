@@ -12,7 +12,6 @@ number > 0, the detector's ``(a, b)`` finite.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -24,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hiddenlens.common.errors import DamagedFileError, NonFiniteError, UserError
-from hiddenlens.common.files import atomic_path, write_json
+from hiddenlens.common.files import atomic_path, file_sha256, write_json
 
 from .sites import HEAD_SITES, Site, parse_site
 
@@ -193,14 +192,6 @@ def _pair(stem: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_directions(directions: list[Direction], path: str | Path) -> Path:
     """Several directions (e.g. ITI's top-K heads) in one ``.safetensors`` + ``.json`` pair; returns the stem.
 
@@ -214,7 +205,7 @@ def save_directions(directions: list[Direction], path: str | Path) -> Path:
     with atomic_path(tensors) as tmp:
         save_file({f"vector.{i}": d.vector.detach().float().cpu().contiguous() for i, d in enumerate(directions)},
                   str(tmp))
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
     write_json(meta, {"format": FORMAT, "safetensors_sha256": digest, "directions": [d.meta() for d in directions]})
     return stem
 
@@ -295,7 +286,7 @@ def load_directions(path: str | Path) -> list[Direction]:
     meta = _read_meta(meta_path)
     version, metas, keys = _entries(meta, meta_path)
     recorded = meta.get("safetensors_sha256")
-    if recorded is not None and recorded != _sha256(tensors):
+    if recorded is not None and recorded != file_sha256(tensors):
         raise DamagedFileError(f"{tensors} does not belong to {meta_path}: its sha256 differs from the one the .json "
                                "records (one half was replaced, or a save was interrupted); rewrite both with "
                                "`hiddenlens truth directions`")

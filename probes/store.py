@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hiddenlens.common.errors import DamagedFileError, FolderExistsError, UserError
-from hiddenlens.common.files import atomic_path, write_json
+from hiddenlens.common.files import atomic_path, file_sha256, write_json
 from hiddenlens.common.folders import locked
 
 from .capture import capture
@@ -173,14 +173,6 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _digest(obj) -> str:
     """sha256 of ``obj``'s canonical JSON (sorted keys, no spaces, ASCII): the same before writing and after reading."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -247,7 +239,7 @@ def _shard_problem(folder: Path, index: int, entry: dict, start: int) -> str | N
     path = shard_path(folder, entry["file"])
     if not path.is_file():
         return f"{entry['file']} is missing"
-    if _sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         return f"{entry['file']} is damaged (sha256 differs from the manifest)"
     return None
 
@@ -444,7 +436,7 @@ def _write(handle, prompts: list[Prompt], resolved, out: Path, positions: str, b
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
         entry = {"file": path.name, "rows": int(tensors["_prompt"].shape[0]), "prompt_start": offset + shard_start,
-                 "prompt_end": offset + prompt_end, "sha256": _sha256(path)}
+                 "prompt_end": offset + prompt_end, "sha256": file_sha256(path)}
         manifest["shards"].append(dict(entry, entry_sha256=_entry_digest(index, entry)))
         _write_manifest(manifest_path, manifest)
         buffer, buffered_rows, shard_start = {}, 0, prompt_end
@@ -559,7 +551,7 @@ class ActivationStore:
             raise DamagedStoreError(f"shard {path} listed in the manifest is missing; re-capture it (--resume "
                                     "re-captures missing and damaged shards)")
         if self.verify and info["file"] not in self._checked:
-            if _sha256(path) != info["sha256"]:
+            if file_sha256(path) != info["sha256"]:
                 raise DamagedStoreError(f"shard {path} is damaged (sha256 differs from the manifest); re-capture it "
                                         "(--resume re-captures missing and damaged shards)")
             self._checked.add(info["file"])

@@ -16,7 +16,7 @@ from typing import ClassVar
 import pandas as pd
 
 from hiddenlens.analyses.checkpoints import (RayHandleError, check_ray_sweep, checkpoint_labels, map_checkpoints,
-                                             parse_checkpoint, plot_over_checkpoints, stack_checkpoints)
+                                             plot_over_checkpoints, stack_checkpoints)
 from hiddenlens.analyses.dynamics import (belief_state_predictability, dynamics_shares, dynamics_summary, logit_lens,
                                           residual_trajectory, token_dynamics)
 from hiddenlens.analyses.tuned_lens import TunedLens
@@ -96,12 +96,7 @@ def measure_checkpoint(config: DynamicsConfig, prompts: list[str], strict_lens: 
     site, embed and every block), ``example_lens`` (the example's lens per position and site) and ``shares`` (the
     share of tokens per dynamics class, with the model's spec). ``given`` maps a spec to an already loaded handle
     (used as it is and left loaded); any other spec is loaded here and unloaded at the end."""
-    h = given.get(spec)
-    own = h is None
-    if own:
-        name, rev = parse_checkpoint(spec)
-        h = config.load(name, revision=rev)
-    try:
+    with config.opened(spec, given) as h:
         tl = TunedLens.load(config.lens, h, check_weights=strict_lens) if config.lens else None
         df = dynamics_summary(h, prompts, config.batch_size, lens=tl)
         if config.belief:
@@ -113,9 +108,6 @@ def measure_checkpoint(config: DynamicsConfig, prompts: list[str], strict_lens: 
         return {"dynamics": df,
                 "example_lens": logit_lens(h, config.example, target=config.target, lens=tl).assign(model=h.spec),
                 "shares": dynamics_shares(token_dynamics(norms)) | {"model": h.spec}}
-    finally:
-        if own:
-            h.unload()
 
 
 def run(config: DynamicsConfig, handle=None, progress: bool = True, ray: str | None = None) -> Result:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from hiddenlens.analyses.arithmetic import gsm8k_problems, make_problems
 from hiddenlens.analyses.checkpoints import (RayHandleError, check_ray_sweep, checkpoint_label, map_checkpoints,
-                                             parse_checkpoint, plot_over_checkpoints)
+                                             plot_over_checkpoints)
 from hiddenlens.analyses.regimes import PAPER_TABLE, REGIMES, paired_differences, run_regimes
 from hiddenlens.common.stats import markdown_table
 from hiddenlens.probes.sites import parse_layers
@@ -161,21 +161,13 @@ def _regimes_of(config: IntentionConfig, problems: list, given: dict, per_regime
     """:func:`~hiddenlens.analyses.regimes.run_regimes` on one checkpoint (``given[spec]`` if loaded, else loaded
     here and unloaded at the end); ``per_regime(label, partial)`` after each regime."""
     label = checkpoint_label(spec)
-    h = given.get(spec)
-    own = h is None
-    if own:
-        name, rev = parse_checkpoint(spec)
-        h = config.load(name, revision=rev)
-    try:
+    with config.opened(spec, given) as h:
         layers = None if config.layers in (None, "", []) else parse_layers(config.layers, h.n_layers, "layers")
         return run_regimes(h, problems, regimes=config.regimes, shots=config.shots, layers=layers,
                            batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                            post_collapse=config.post_collapse, n_boot=config.n_boot, seed=config.boot_seed,
                            progress=progress,
                            on_regime=None if per_regime is None else partial(per_regime, label))
-    finally:
-        if own:
-            h.unload()
 
 
 def result_of(config: IntentionConfig, res, label: str | None = None) -> Result:

@@ -20,6 +20,7 @@ takes them, with a default config.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -140,6 +141,23 @@ class ModelSpec:
 
         extra = {"revision": revision} if revision else {}
         return load_model(spec or self.model, backend=self.backend, device=self.device, dtype=self.dtype, **extra)
+
+    @contextlib.contextmanager
+    def opened(self, spec: str, given: dict | None = None):
+        """The handle of checkpoint ``spec`` for a block: ``given[spec]`` when already loaded (left loaded), else
+        loaded here (``name@revision`` loads that revision) and unloaded when the block ends."""
+        handle = (given or {}).get(spec)
+        if handle is not None:
+            yield handle
+            return
+        from hiddenlens.analyses.checkpoints import parse_checkpoint
+
+        name, rev = parse_checkpoint(spec)
+        handle = self.load(name, revision=rev)
+        try:
+            yield handle
+        finally:
+            handle.unload()
 
 
 # ---- the base of every study's Result ------------------------------------------------------------------------------

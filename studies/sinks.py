@@ -229,11 +229,8 @@ def _checkpoints(c: SinksConfig, progress: bool, ray: str | None = None) -> Resu
 def _bb_rows(c: SinksConfig, gen: BBGenerator, meta: dict, checkpoint: str) -> list[dict]:
     """One row of trigger-aware metrics (:func:`flat_metrics` of :func:`bb_metrics` on ``c.eval_seqs`` sequences)
     for the BB checkpoint folder ``checkpoint``."""
-    handle = c.load(checkpoint)
-    try:
+    with c.opened(checkpoint) as handle:
         metrics = flat_metrics(bb_metrics(handle, gen, c.eval_seqs))
-    finally:
-        handle.unload()
     variant = meta["attention"] + "/" + meta["config"]["optimizer"]
     return [{"step": checkpoint_step(checkpoint), "variant": variant, "seed": meta["config"]["seed"]} | metrics]
 
@@ -241,12 +238,9 @@ def _bb_rows(c: SinksConfig, gen: BBGenerator, meta: dict, checkpoint: str) -> l
 def _prose_rows(c: SinksConfig, progress: bool, checkpoint: str) -> list[dict]:
     """One row per layer (:func:`sinks.sink_analysis` layer means on ``c.n_prompts`` prose passages of
     ``c.n_tokens`` tokens) for the transformers checkpoint folder ``checkpoint``, its step read from its name."""
-    handle = c.load(checkpoint)
-    try:
+    with c.opened(checkpoint) as handle:
         ps = sinks.default_domains(handle, c.n_prompts, c.n_tokens)["prose"]
         r = sinks.sink_analysis(handle, ps, max_tokens=c.n_tokens, progress=progress)
-    finally:
-        handle.unload()
     name = Path(checkpoint).name
     step = int("".join(ch for ch in name if ch.isdigit()) or 0)
     return [{"step": step, "checkpoint": name} | lay.to_dict() for _, lay in r.layers.iterrows()]

@@ -4,6 +4,7 @@ exception is shown, clicks a head in the sink grid, and saves a 1280x900 screens
 docs/figures/dashboard/ (docs/dashboard.md shows them)."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -40,20 +41,29 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 
 @pytest.fixture
 def server(tmp_path):
-    from hiddenlens.cli.dashboard import streamlit_command
     from test_dashboard import _truth_run, _write_report
 
     runs = tmp_path / "runs"
     _write_report(runs / "truth-probe")
     _truth_run(runs / "truth")
+    with streamlit_server(runs, tmp_path) as (url, _):
+        yield url, runs
+
+
+@contextlib.contextmanager
+def streamlit_server(runs: Path, cwd: Path):
+    """A live dashboard on tiny-llama (the exact ``streamlit run`` command ``hiddenlens dashboard`` uses) on a free
+    local port, serving ``runs``: yields ``(url, port)``; stopped when the block ends."""
+    from hiddenlens.cli.dashboard import streamlit_command
+
     port = free_port()
     argv, env = streamlit_command("tiny-llama", port=port, runs=str(runs))
     env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
-        yield url, runs
+        yield url, port
     finally:
         proc.terminate()
         try:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_browser import CHROMIUM, OFFLINE_FLAGS, free_port, wait_healthy, wait_idle
+from test_browser import CHROMIUM, OFFLINE_FLAGS, streamlit_server, wait_idle
 from test_dashboard import fresh_caches, run_page  # noqa: F401 - fresh_caches: autouse fixture (env, caches)
 
 from hiddenlens.dashboard import results
@@ -213,25 +212,11 @@ def test_huge_report_shows_its_start_with_a_warning(runs):
 def live(tmp_path):
     """A live dashboard (the exact ``hiddenlens dashboard`` command) serving a runs root with one run whose report
     holds remote images; ``(url, runs)``."""
-    from hiddenlens.cli.dashboard import streamlit_command
-
     runs = tmp_path / "runs"
     make_run(runs / "r1", REPORT)
     make_run(tmp_path / "outside", "# TOPSECRET\n")
-    port = free_port()
-    argv, env = streamlit_command("tiny-llama", port=port, runs=str(runs))
-    env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    with streamlit_server(runs, tmp_path) as (url, _):
         yield url, runs
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.browser

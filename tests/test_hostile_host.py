@@ -4,11 +4,10 @@ port out of range."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import websocket
-from test_browser import free_port, wait_healthy
+from test_browser import streamlit_server
 
 from hiddenlens.cli import main
 from hiddenlens.cli.dashboard import allowed_hosts, streamlit_command
@@ -19,19 +18,8 @@ def live_port(tmp_path_factory):
     """The port of a live dashboard server (tiny-llama, the exact ``hiddenlens dashboard`` command)."""
     tmp = tmp_path_factory.mktemp("host")
     (tmp / "runs").mkdir()
-    port = free_port()
-    argv, env = streamlit_command("tiny-llama", port=port, runs=str(tmp / "runs"))
-    env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.Popen(argv, env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
+    with streamlit_server(tmp / "runs", tmp) as (_, port):
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def handshake(port: int, host: str) -> websocket.WebSocket:
