@@ -158,19 +158,36 @@ def auroc_accuracy(u: np.ndarray, detector, X, y) -> tuple[float, float]:
 
 # ---- sweeps ----------------------------------------------------------------------------------------------
 def layer_sweep(train: torch.Tensor, y_train, test: torch.Tensor, y_test, layers, methods=METHODS,
-                pair_ids=None, seed: int = 0) -> tuple[pd.DataFrame, dict]:
-    """Fit every method at every layer on ``train [n, L, d]``; held-out AUROC/accuracy on ``test [m, L, d]``.
+                pair_ids=None, seed: int = 0, val: torch.Tensor | None = None, y_val=None
+                ) -> tuple[pd.DataFrame, dict]:
+    """Fit every method at every layer on ``train [n, L, d]``; held-out AUROC/accuracy on ``test [m, L, d]`` and,
+    when given, on ``val [v, L, d]`` (the split a layer is chosen on: :func:`select_layer`).
 
-    Returns the table (``layer, method, auroc, accuracy, sigma``) and ``{(method, layer): (u, sigma, det)}``.
+    Returns the table (``layer, method, auroc, accuracy, sigma`` and ``val_auroc, val_accuracy``) and
+    ``{(method, layer): (u, sigma, det)}``.
     """
     rows, fitted = [], {}
     for j, layer in enumerate(layers):
         for method in methods:
             u, sigma, det = fit_direction(train[:, j], y_train, method, pair_ids, seed)
             auc, acc = auroc_accuracy(u, det, test[:, j], y_test)
-            rows.append(dict(layer=layer, method=method, auroc=auc, accuracy=acc, sigma=sigma))
+            row = dict(layer=layer, method=method, auroc=auc, accuracy=acc, sigma=sigma)
+            if val is not None:
+                row["val_auroc"], row["val_accuracy"] = auroc_accuracy(u, det, val[:, j], y_val)
+            rows.append(row)
             fitted[(method, layer)] = (u, sigma, det)
     return pd.DataFrame(rows), fitted
+
+
+def select_layer(table: pd.DataFrame, method: str) -> int:
+    """The layer whose ``method`` direction has the highest *validation* AUROC (ties: the earlier layer). The test
+    columns never enter the choice, so the test AUROC reported at that layer is an honest held-out number."""
+    if "val_auroc" not in table:
+        raise ValueError("select_layer needs the validation columns: run layer_sweep with val=, y_val=")
+    rows = table[table.method == method]
+    if rows.empty:
+        raise ValueError(f"no {method!r} rows in the layer table (methods: {sorted(set(table.method))})")
+    return int(rows.sort_values(["val_auroc", "layer"], ascending=[False, True], kind="stable").iloc[0].layer)
 
 
 def head_sweep(train: torch.Tensor, y_train, val: torch.Tensor, y_val, test: torch.Tensor, y_test, layers,
@@ -315,10 +332,10 @@ def class_matched_pairs(y_a, y_b, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 class TruthResult:
     """Output of :func:`fit_truth`: tables (pandas) and the fitted directions.
 
-    ``layers`` (per layer and method: auroc, accuracy, sigma), ``heads`` (per layer and head: val_accuracy,
-    test_auroc), ``transfer`` (train family x test family at ``best_layer``), ``projections`` (test statements'
-    projection on the best direction, for histograms), ``directions`` (best layer, one per method) and
-    ``iti`` (the top-K head directions).
+    ``layers`` (per layer and method: test auroc, accuracy; val_auroc, val_accuracy; sigma), ``heads`` (per layer
+    and head: val_accuracy, test_auroc), ``transfer`` (train family x test family at ``best_layer``),
+    ``projections`` (test statements' projection on the best direction, for histograms), ``directions`` (best
+    layer, chosen on validation, one per method) and ``iti`` (the top-K head directions).
     """
 
     layers: pd.DataFrame
@@ -335,8 +352,9 @@ def fit_truth(handle, family: str = "capitals", transfer_families=(), layers=Non
               k_heads: int = 16, seed: int = 0, batch_size: int = 32, progress: bool = False) -> TruthResult:
     """Fit and evaluate truthful directions of ``family`` on ``handle`` (see the module docstring).
 
-    Probes train on the ``train`` split, ITI ranks heads on ``val``, every score is on ``test``; the saved
-    directions (best layer by held-out probe AUROC, one per method; ITI heads) are refitted on train + val.
+    Probes train on the ``train`` split; the best layer (probe AUROC) and ITI's heads are chosen on ``val``; every
+    reported score is on ``test``, which no choice sees; the saved directions (best layer, one per method; ITI
+    heads) are refitted on train + val.
     ``k_heads=0`` skips the per-head analysis.
     """
     layers = _check_layers(handle, layers)
@@ -349,10 +367,10 @@ def fit_truth(handle, family: str = "capitals", transfer_families=(), layers=Non
     y = torch.tensor(df.label.to_numpy())
     tr, va, te = part["train"], part["val"], part["test"]
     table, _ = layer_sweep(acts["resid"][tr], y[tr], acts["resid"][te], y[te], layers, methods,
-                           df.pair_id.to_numpy()[tr.numpy()], seed)
-    best_row = table[table.method == ("probe" if "probe" in methods else methods[0])].sort_values(
-        "auroc", ascending=False, kind="stable").iloc[0]
-    best_layer = int(best_row.layer)
+                           df.pair_id.to_numpy()[tr.numpy()], seed, val=acts["resid"][va], y_val=y[va])
+    chooser = "probe" if "probe" in methods else methods[0]
+    best_layer = select_layer(table, chooser)  # on validation only; the test split is reported, never chosen on
+    best_row = table[(table.method == chooser) & (table.layer == best_layer)].iloc[0]
     j = layers.index(best_layer)
     trva = tr | va
     model, dh = handle.spec, data_hash(df[fam])
@@ -383,7 +401,9 @@ def fit_truth(handle, family: str = "capitals", transfer_families=(), layers=Non
     projections = pd.DataFrame(dict(text=test_df.text.tolist(), label=test_df.label.tolist(),
                                     projection=best.project(acts["resid"][te][:, j]).numpy()))
     summary = {"model": model, "family": family, "n_statements": int(fam.sum()), "layers": layers,
-               "best_layer": best_layer, "best_probe_auroc": float(best_row.auroc), "data_hash": dh,
+               "best_layer": best_layer, "best_layer_chosen_on": "val",
+               "best_probe_auroc": float(best_row.auroc), "best_probe_val_auroc": float(best_row.val_auroc),
+               "data_hash": dh,
                "directions": {k: {"sigma": d.sigma, **d.metrics} for k, d in directions.items()},
                "iti_heads": [[d.layer, d.head] for d in iti]}
     return TruthResult(table, heads_table, transfer, projections, directions, iti, best_layer, summary)

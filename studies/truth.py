@@ -49,8 +49,7 @@ class Result(StudyResult):
     def best_layer(self) -> int:
         best = self.summary.get("best_layer")
         if best is None:
-            layers = self.tables["layers"]
-            best = layers.sort_values("auroc", ascending=False).iloc[0]["layer"]
+            raise KeyError("this run's summary names no best_layer; rerun `hiddenlens truth directions`")
         return int(best)
 
     def direction(self, method: str) -> Direction:
@@ -93,8 +92,13 @@ class Result(StudyResult):
     def report(self) -> str:
         s, layers = self.summary, self.tables["layers"]
         md = [f"# Truthful directions: {s.get('model', '')}, family `{s.get('family', '')}`", "",
-              f"Best layer by held-out probe AUROC: **{self.best_layer}** "
-              f"(AUROC {s.get('best_probe_auroc', float('nan')):.3f}). Splits are by entity.", "",
+              f"Best layer by {'validation' if s.get('best_layer_chosen_on') == 'val' else 'held-out (test)'} "
+              f"probe AUROC: **{self.best_layer}** (test AUROC {s.get('best_probe_auroc', float('nan')):.3f}"
+              + (f", validation {s['best_probe_val_auroc']:.3f}" if "best_probe_val_auroc" in s else "")
+              + "). Splits are by entity; the layer is chosen on the validation split and reported on the test "
+              "split, which no choice sees." if s.get("best_layer_chosen_on") == "val" else
+              f"Best layer: **{self.best_layer}** (chosen on the test split by an older hiddenlens: a selection "
+              f"leak; AUROC {s.get('best_probe_auroc', float('nan')):.3f}). Splits are by entity.", "",
               "![AUROC by layer](auroc_by_layer.png)", "", "## Per layer (held-out)", "",
               markdown_table(layers.pivot(index="layer", columns="method", values="auroc").reset_index())]
         heads = self.tables.get("heads")

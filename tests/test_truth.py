@@ -218,3 +218,35 @@ def test_extract_and_token_scores_on_tiny(tiny_llama):
     df = T.token_scores(tiny_llama, d, "The capital of France is", max_new_tokens=4)
     assert df.generated.sum() == 4 and len(df) == (~df.generated).sum() + 4
     assert df.p_true.between(0, 1).all() and isinstance(df, pd.DataFrame)
+
+
+# ---- selection on validation only -------------------------------------------------------------------------
+def test_select_layer_uses_validation_not_test():
+    table = pd.DataFrame(dict(layer=[1, 2, 3] * 2, method=["probe"] * 3 + ["mass_mean"] * 3,
+                              auroc=[0.99, 0.60, 0.70, 0.5, 0.5, 0.5],          # test: layer 1 looks best
+                              val_auroc=[0.55, 0.90, 0.90, 0.9, 0.5, 0.5]))      # validation: layers 2 and 3 tie
+    assert T.select_layer(table, "probe") == 2                                   # ties go to the earlier layer
+    assert T.select_layer(table, "mass_mean") == 1
+    with pytest.raises(ValueError, match="validation columns"):
+        T.select_layer(table.drop(columns="val_auroc"), "probe")
+
+
+def test_test_labels_never_reach_the_selection(tiny_llama, monkeypatch):
+    """Flip every test label: the chosen layer and the saved directions must not change (only test scores do)."""
+    honest = T.fit_truth(tiny_llama, "capitals", layers=[1, 2, 3], k_heads=0)
+    real = T.make_statements
+
+    def flipped(*args, **kwargs):
+        df = real(*args, **kwargs)
+        test = df.split == "test"
+        df.loc[test, "label"] = 1 - df.loc[test, "label"]
+        return df
+
+    monkeypatch.setattr(T, "make_statements", flipped)
+    leaked = T.fit_truth(tiny_llama, "capitals", layers=[1, 2, 3], k_heads=0)
+    assert leaked.best_layer == honest.best_layer
+    assert leaked.summary["best_layer_chosen_on"] == "val"
+    for method, d in honest.directions.items():
+        assert torch.equal(d.vector, leaked.directions[method].vector) and d.sigma == leaked.directions[method].sigma
+    assert not np.allclose(honest.layers.auroc, leaked.layers.auroc)              # the test scores did change
+    assert np.allclose(honest.layers.val_auroc, leaked.layers.val_auroc)
