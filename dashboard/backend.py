@@ -104,14 +104,21 @@ def prompt_intention(key: ModelKey, prompt: str) -> dict:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Running the regimes (generation + probes)...")
-def live_regimes(key: ModelKey, n_problems: int, regimes: tuple[str, ...], max_new_tokens: int, seed: int = 0
-                 ) -> dict[str, pd.DataFrame]:
+def default_shots() -> int:
+    """The few-shot default of the intention study, the one ``hiddenlens analyze intention --shots`` uses."""
+    import dataclasses
+    return int(next(f.default for f in dataclasses.fields(intention_study.IntentionConfig) if f.name == "shots"))
+
+
+def live_regimes(key: ModelKey, n_problems: int, regimes: tuple[str, ...], max_new_tokens: int, seed: int = 0,
+                 shots: int | None = None) -> dict[str, pd.DataFrame]:
     """The intention study (:mod:`hiddenlens.studies.intention`) on ``n_problems`` generated arithmetic problems;
     the ``regimes`` / ``dims`` / ``items`` tables, as its run folder holds them."""
     config = intention_study.IntentionConfig(model=key.spec, backend=key.backend, device=key.device, dtype=key.dtype,
                                              n=n_problems, seed=seed, regimes=list(regimes),
                                              max_new_tokens={r: max_new_tokens for r in regimes}, n_boot=200,
-                                             boot_seed=seed)
+                                             boot_seed=seed,
+                                             **({} if shots is None else {"shots": int(shots)}))
     res = intention_study.run(config, get_model(key), progress=False)
     return {name: res.tables[name] for name in ("regimes", "dims", "items")}
 

@@ -4,11 +4,52 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from .highlight import FALSE_RGB, TRUE_RGB
 from .lens import token_strings_from_text
 
 STAT_LABELS = {"top_prob": "top-1 probability", "entropy": "entropy (nats)", "kl_final": "KL to final layer (nats)",
                "norm": "residual norm"}
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), template="plotly_white")
+
+# One meaning for true / false on every page (histograms here, token backgrounds in highlight.py use the same RGB).
+TRUE_COLOUR = f"rgb{TRUE_RGB}"  # green
+FALSE_COLOUR = f"rgb{FALSE_RGB}"  # red
+TRUTH_COLOURS = {"true": TRUE_COLOUR, "false": FALSE_COLOUR}
+
+# Colour / axis scales for heavy-tailed values (position-0 norms, KL of the embedding row).
+SCALES = ("log", "clipped at p99", "linear")
+LOG_DEFAULT_STATS = ("norm", "kl_final")
+
+
+def default_scale(stat: str) -> str:
+    """Log for norms and KL (heavy-tailed), linear for bounded stats (probability, entropy)."""
+    return "log" if stat in LOG_DEFAULT_STATS else "linear"
+
+
+def apply_scale(values, scale: str = "linear") -> tuple[np.ndarray, float | None, float | None, str]:
+    """THE scale helper behind every heatmap colour and curve axis: returns ``(values to draw, lo, hi, label)``.
+
+    ``log``: log10 of the values (non-positive values floored at the smallest positive one); ``clipped at p99``:
+    values clipped to [min, 99th percentile]; ``linear``: unchanged. ``lo``/``hi`` are the range of the drawn values
+    (None when nothing is finite); ``label`` names the scale for titles and colour bars."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    v = np.asarray(values, dtype=float)
+    finite = v[np.isfinite(v)]
+    if scale == "log":
+        positive = finite[finite > 0]
+        floor = float(positive.min()) if positive.size else 1e-12
+        v = np.log10(np.where(np.isfinite(v), np.maximum(v, floor), np.nan))
+        label = "log10"
+    elif scale == "clipped at p99":
+        if finite.size:
+            v = np.clip(v, float(finite.min()), float(np.percentile(finite, 99)))
+        label = "clipped at p99"
+    else:
+        label = "linear"
+    drawn = v[np.isfinite(v)]
+    lo, hi = (float(drawn.min()), float(drawn.max())) if drawn.size else (None, None)
+    return v, lo, hi, label
 
 
 def position_labels(tokens: list[str]) -> list[str]:
@@ -16,25 +57,39 @@ def position_labels(tokens: list[str]) -> list[str]:
     return [f"{i}:{t}" for i, t in enumerate(token_strings_from_text(tokens))]
 
 
-def lens_heatmap(view, stat: str = "entropy", max_cells_with_text: int = 1200) -> go.Figure:
-    """Layers (y, input at the bottom) x positions (x); colour = ``stat``; top token in cells; top-k on hover."""
-    z = getattr(view, stat)
-    show_text = z.size <= max_cells_with_text
+def lens_heatmap(view, stat: str = "entropy", max_cells_with_text: int = 1200, scale: str | None = None
+                 ) -> go.Figure:
+    """Layers (y, input at the bottom) x positions (x); colour = ``stat`` on ``scale`` (default: log for norms and
+    KL, linear otherwise); top token in cells; top-k on hover."""
+    scale = scale or default_scale(stat)
+    raw = np.asarray(getattr(view, stat), dtype=float)
+    z, lo, hi, label = apply_scale(raw, scale)
+    show_text = raw.size <= max_cells_with_text
+    name = STAT_LABELS.get(stat, stat)
     fig = go.Figure(go.Heatmap(
-        z=z, x=position_labels(view.tokens), y=view.layers, colorscale="Viridis",
+        z=z, x=position_labels(view.tokens), y=view.layers, colorscale="Viridis", zmin=lo, zmax=hi,
         text=view.top_token if show_text else None, texttemplate="%{text}" if show_text else None,
-        customdata=view.topk, colorbar=dict(title=STAT_LABELS.get(stat, stat)),
-        hovertemplate="%{y} @ %{x}<br>" + STAT_LABELS.get(stat, stat) + " %{z:.3f}<br>top-k:<br>%{customdata}"
+        customdata=np.dstack([np.asarray(view.topk, dtype=object), raw.astype(object)]),  # raw value on hover
+        colorbar=dict(title=f"{name}<br>({label})"),
+        hovertemplate="%{y} @ %{x}<br>" + name + " %{customdata[1]:.3f}<br>top-k:<br>%{customdata[0]}"
                       "<extra></extra>"))
-    fig.update_layout(title=f"{view.lens} lens: {STAT_LABELS.get(stat, stat)}", xaxis_title="position",
+    fig.update_layout(title=f"{view.lens} lens: {name} ({label} scale)", xaxis_title="position",
                       yaxis_title="layer", height=max(320, 22 * len(view.layers) + 120), **_LAYOUT)
     return fig
 
 
 def layer_curves(curves: dict[str, np.ndarray], title: str, yaxis: str, x_labels: list[str] | None = None,
-                 xaxis: str = "layer") -> go.Figure:
-    """One line per entry of ``curves`` (over layers by default)."""
+                 xaxis: str = "layer", scale: str | None = None) -> go.Figure:
+    """One line per entry of ``curves`` (over layers by default). With ``scale`` (see :func:`apply_scale`, applied to
+    all curves together) the y values are drawn on that scale, named in the title and the y axis."""
     fig = go.Figure()
+    if scale is not None:
+        names = list(curves)
+        joined, lo, hi, label = apply_scale(np.concatenate([np.asarray(curves[k], dtype=float).ravel()
+                                                            for k in names]) if names else np.zeros(0), scale)
+        parts = np.split(joined, np.cumsum([len(curves[k]) for k in names])[:-1]) if names else []
+        curves = dict(zip(names, parts))
+        title, yaxis = f"{title} ({label} scale)", f"{yaxis} ({label})"
     for name, ys in curves.items():
         xs = x_labels or list(range(len(ys)))
         fig.add_trace(go.Scatter(x=xs, y=np.asarray(ys, dtype=float), mode="lines+markers", name=name))
@@ -48,10 +103,12 @@ def head_grid(scores: np.ndarray, title: str, colorbar: str, selected: tuple[int
     n_layers, n_heads = scores.shape
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     size = max(8, min(28, 520 // max(n_layers, n_heads)))
+    finite = np.asarray(scores, dtype=float)[np.isfinite(scores)]
+    cmin, cmax = (float(finite.min()), float(finite.max())) if finite.size else (None, None)
     fig = go.Figure(go.Scatter(
         x=head.ravel(), y=layer.ravel(), mode="markers",
         marker=dict(symbol="square", size=size, color=scores.ravel(), colorscale="Magma", showscale=True,
-                    colorbar=dict(title=colorbar)),
+                    cmin=cmin, cmax=cmax, colorbar=dict(title=colorbar)),
         customdata=np.stack([layer.ravel(), head.ravel()], axis=1),
         hovertemplate="layer %{y}, head %{x}<br>" + colorbar + " %{marker.color:.3f}<extra></extra>"))
     if selected is not None:
@@ -59,7 +116,10 @@ def head_grid(scores: np.ndarray, title: str, colorbar: str, selected: tuple[int
                                  marker=dict(symbol="square-open", size=size + 6, color="#00c2ff",
                                              line=dict(width=3)), showlegend=False))
     fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=max(300, 18 * n_layers + 140),
-                      xaxis=dict(dtick=1), yaxis=dict(dtick=max(1, n_layers // 16)), clickmode="event+select",
+                      xaxis=dict(dtick=1, tick0=0, range=[-0.5, n_heads - 0.5], zeroline=False, showgrid=False),
+                      yaxis=dict(dtick=max(1, n_layers // 16), tick0=0, range=[-0.5, n_layers - 0.5],
+                                 zeroline=False, showgrid=False),
+                      clickmode="event+select",
                       showlegend=False,
                       **_LAYOUT)
     return fig
@@ -76,18 +136,25 @@ def pattern_heatmap(pattern: np.ndarray, tokens: list[str], pooled: int, title: 
     return fig
 
 
-def layer_position_heatmap(z: np.ndarray, tokens: list[str], layers: list[str], title: str, colorbar: str
-                           ) -> go.Figure:
-    """A plain layer x position heatmap (e.g. residual norms)."""
-    fig = go.Figure(go.Heatmap(z=z, x=position_labels(tokens), y=layers,
-                               colorscale="Cividis", colorbar=dict(title=colorbar)))
-    fig.update_layout(title=title, xaxis_title="position", yaxis_title="layer", height=360, **_LAYOUT)
+def layer_position_heatmap(z: np.ndarray, tokens: list[str], layers: list[str], title: str, colorbar: str,
+                           scale: str = "log") -> go.Figure:
+    """A layer x position heatmap (e.g. residual norms) coloured on ``scale`` (see :func:`apply_scale`); the raw
+    value is on hover."""
+    raw = np.asarray(z, dtype=float)
+    drawn, lo, hi, label = apply_scale(raw, scale)
+    fig = go.Figure(go.Heatmap(z=drawn, x=position_labels(tokens), y=layers, zmin=lo, zmax=hi, customdata=raw,
+                               colorscale="Cividis", colorbar=dict(title=f"{colorbar}<br>({label})"),
+                               hovertemplate="%{y} @ %{x}<br>" + colorbar + " %{customdata:.3f}<extra></extra>"))
+    fig.update_layout(title=f"{title} ({label} scale)", xaxis_title="position", yaxis_title="layer", height=360,
+                      **_LAYOUT)
     return fig
 
 
 def histogram(groups: dict[str, np.ndarray], title: str, xaxis: str) -> go.Figure:
     """Overlaid histograms, one per group (e.g. projections of true vs false statements)."""
-    fig = go.Figure([go.Histogram(x=np.asarray(v, dtype=float), name=k, opacity=0.6) for k, v in groups.items()])
+    fig = go.Figure([go.Histogram(x=np.asarray(v, dtype=float), name=k, opacity=0.6,
+                                  marker_color=TRUTH_COLOURS.get(str(k).lower()))
+                     for k, v in groups.items()])
     fig.update_layout(barmode="overlay", title=title, xaxis_title=xaxis, yaxis_title="count", height=320, **_LAYOUT)
     return fig
 

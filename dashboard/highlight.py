@@ -4,12 +4,16 @@ from __future__ import annotations
 import html
 
 
+#: the one colour meaning of true (green) and false (red) on every page (figures.TRUTH_COLOURS uses these)
+TRUE_RGB, FALSE_RGB = (40, 170, 80), (220, 60, 60)
+
+
 def colour(score: float) -> str:
     """Red (0) through white (0.5) to green (1), as an rgba background."""
     s = min(max(float(score), 0.0), 1.0)
     if s < 0.5:
-        return f"rgba(220, 60, 60, {0.75 * (0.5 - s) * 2:.2f})"
-    return f"rgba(40, 170, 80, {0.75 * (s - 0.5) * 2:.2f})"
+        return "rgba({}, {}, {}, ".format(*FALSE_RGB) + f"{0.75 * (0.5 - s) * 2:.2f})"
+    return "rgba({}, {}, {}, ".format(*TRUE_RGB) + f"{0.75 * (s - 0.5) * 2:.2f})"
 
 
 def coloured_tokens(tokens: list[str], scores: list[float], marked: list[bool] | None = None, label: str = "score"

@@ -398,3 +398,119 @@ def test_patching_page_shows_bad_pairs_as_one_message():
     at = _patch_inputs(at, "The capital of France is", "The capital of Italy is", " Rome", " b")
     assert not at.exception
     assert len(at.error) == 1 and "single-token" in at.error[0].value
+
+
+# ---- issue 13: scales, head grids, truth colours, intention defaults, stale spans, collapsed summary -----------
+def test_scale_helper_log_clipped_linear():
+    from hiddenlens.dashboard import figures
+
+    z = np.array([[20000.0, 1.0, 10.0], [0.0, 100.0, 1000.0]])
+    drawn, lo, hi, label = figures.apply_scale(z, "log")
+    assert label == "log10" and (lo, hi) == (0.0, pytest.approx(np.log10(20000.0)))
+    assert drawn[1, 0] == 0.0  # a zero is floored at the smallest positive value, never -inf
+    drawn, lo, hi, label = figures.apply_scale(z, "clipped at p99")
+    assert hi == pytest.approx(np.percentile(z, 99)) and drawn.max() == pytest.approx(hi) and lo == 0.0
+    drawn, lo, hi, _ = figures.apply_scale(z, "linear")
+    assert (drawn == z).all() and (lo, hi) == (0.0, 20000.0)
+    assert figures.default_scale("norm") == figures.default_scale("kl_final") == "log"
+    assert figures.default_scale("entropy") == "linear"
+    with pytest.raises(ValueError):
+        figures.apply_scale(z, "sqrt")
+
+
+def test_dynamics_and_sinks_plots_name_their_scale():
+    at = run_page("dynamics")
+    no_errors(at)
+    heat, curves, norms = plotly_specs(at)[:3]
+    assert "(linear scale)" in heat["layout"]["title"]["text"]  # entropy: bounded, linear by default
+    assert "(log10 scale)" in curves["layout"]["title"]["text"] and "(log10 scale)" in norms["layout"]["title"]["text"]
+    assert "log10" in norms["data"][0]["colorbar"]["title"]["text"]
+    at.selectbox(key="dyn_stat").set_value("kl_final").run()
+    heat = plotly_specs(at)[0]
+    assert "(log10 scale)" in heat["layout"]["title"]["text"] and "log10" in heat["data"][0]["colorbar"]["title"]["text"]
+    at.radio(key="dyn_norm_scale").set_value("linear").run()
+    linear_max = plotly_specs(at)[2]["data"][0]["zmax"]
+    at.radio(key="dyn_norm_scale").set_value("clipped at p99").run()
+    no_errors(at)
+    norms = plotly_specs(at)[2]
+    assert "clipped at p99" in norms["layout"]["title"]["text"]
+    assert norms["data"][0]["zmax"] < linear_max  # the outlier no longer sets the top of the colour bar
+    at = run_page("sinks")
+    no_errors(at)
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert any(t.startswith("Residual norm per layer") and "(log10 scale)" in t for t in titles)
+    at.radio(key="sink_norm_scale").set_value("linear").run()
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert any(t.startswith("Residual norm per layer") and "(linear scale)" in t for t in titles)
+
+
+def test_head_grid_axes_and_colour_range_are_the_data():
+    from hiddenlens.dashboard import figures
+
+    scores = np.arange(12, dtype=float).reshape(3, 4) / 10 + 0.25
+    spec = figures.head_grid(scores, "t", "dormancy", selected=(1, 2)).to_plotly_json()
+    layout, marker = spec["layout"], spec["data"][0]["marker"]
+    assert list(layout["yaxis"]["range"]) == [-0.5, 2.5] and list(layout["xaxis"]["range"]) == [-0.5, 3.5]
+    assert layout["xaxis"]["dtick"] == 1 and layout["yaxis"]["dtick"] == 1
+    assert (marker["cmin"], marker["cmax"]) == (0.25, pytest.approx(1.35))
+
+
+def test_true_and_false_share_one_colour_on_every_page(tmp_path):
+    from hiddenlens.dashboard import figures, highlight
+
+    assert highlight.colour(1.0).startswith(figures.TRUE_COLOUR.replace("rgb", "rgba").rstrip(")"))
+    assert highlight.colour(0.0).startswith(figures.FALSE_COLOUR.replace("rgb", "rgba").rstrip(")"))
+    _truth_run(tmp_path / "runs" / "truth")
+    at = run_page("truth")
+    at.text_input(key="truth_path").input(str(tmp_path / "runs" / "truth")).run()
+    no_errors(at)
+    hist = plotly_specs(at)[1]["data"]
+    assert {t["name"]: t["marker"]["color"] for t in hist} == {"false": figures.FALSE_COLOUR,
+                                                               "true": figures.TRUE_COLOUR}
+
+
+def test_intention_live_defaults_match_the_cli_and_a_degenerate_result_warns(monkeypatch):
+    import inspect
+
+    from hiddenlens.cli import analyze
+    from hiddenlens.dashboard import backend
+
+    cli_shots = inspect.signature(analyze.intention).parameters["shots"].default.default
+    calls = []
+
+    def fake_live(key, n, regimes, budget, seed=0, shots=None):
+        calls.append(shots)
+        reg = pd.DataFrame({"regime": list(regimes), "n": n, "accuracy": 0.0, "h_int_bits": 1.0})
+        dims = pd.DataFrame({"regime": list(regimes), "layer": 0, "participation_ratio": 1.0})
+        return {"regimes": reg, "dims": dims, "items": pd.DataFrame()}
+
+    monkeypatch.setattr(backend, "live_regimes", fake_live)
+    at = run_page("intention")
+    at.radio(key="int_source").set_value("Compute live on a small set").run()
+    assert at.number_input(key="int_shots").value == cli_shots
+    at.toggle(key="int_run").set_value(True).run()
+    no_errors(at)
+    assert calls == [cli_shots]
+    assert any("accuracy is 0 in every regime" in w.value for w in at.warning)
+
+
+def test_leakage_span_follows_a_prompt_change():
+    at = run_page("leakage")
+    at.selectbox(key="leak_span").set_value("France").run()
+    no_errors(at)
+    at.sidebar.text_area(key="hl_prompt").input("The capital of Spain is").run()
+    no_errors(at)
+    span = at.selectbox(key="leak_span").value
+    assert span and span in "The capital of Spain is"
+    assert any("no longer holds the span 'France'" in i.value for i in at.info)
+    assert any(f"*{span}* replaced" in m.value for m in at.markdown)
+
+
+def test_results_summary_is_collapsed(tmp_path):
+    folder = tmp_path / "runs" / "report"
+    _write_report(folder)
+    at = run_page("results")
+    at.text_input(key="res_path").input(str(folder)).run()
+    no_errors(at)
+    summary = [e for e in at.expander if e.label == "summary.json"]
+    assert summary and not summary[0].proto.expanded

@@ -16,14 +16,24 @@ if kind == "tuned":
     tuned_path = st.text_input("Tuned lens file (.safetensors, written by TunedLens.save)", key="dyn_tuned_path")
     if not tuned_path.strip():
         st.info("Give the path of a trained tuned lens; the logit lens is shown meanwhile.")
+c1, c2, c3 = st.columns(3)
+# per-stat key: each colour stat keeps its own scale (log by default for norms and KL, linear otherwise)
+heat_scale = c1.radio("Heatmap colour scale", figures.SCALES, index=figures.SCALES.index(figures.default_scale(stat)),
+                      horizontal=True, key=f"dyn_scale_{stat}",
+                      help="log10, or linear clipped at the 99th percentile: an outlier (position 0, the embedding "
+                           "row) no longer flattens the rest")
+curve_scale = c2.radio("Entropy / KL curves scale", figures.SCALES, horizontal=True, key="dyn_curve_scale")
+norm_scale = c3.radio("Residual norm colour scale", figures.SCALES, horizontal=True, key="dyn_norm_scale")
 with ui.shown_errors("The lens"):
     view = backend.lens_view(key, prompt, tuned_path=tuned_path.strip(), max_positions=max_positions, top_k=top_k)
-    st.plotly_chart(figures.lens_heatmap(view, stat), key="dyn_heatmap")
+    st.plotly_chart(figures.lens_heatmap(view, stat, scale=heat_scale), key="dyn_heatmap")
     left, right = st.columns(2)
     left.plotly_chart(figures.layer_curves({"entropy": view.curve("entropy"), "KL to final": view.curve("kl_final")},
-                                           "Mean over positions", "nats", view.layers), key="dyn_curves")
+                                           "Mean over positions", "nats", view.layers, scale=curve_scale),
+                      key="dyn_curves")
     right.plotly_chart(figures.layer_position_heatmap(view.norm, view.tokens, view.layers,
-                                                      "Residual norm trajectories", "L2 norm"), key="dyn_norms")
+                                                      "Residual norm trajectories", "L2 norm", scale=norm_scale),
+                       key="dyn_norms")
     final = view.top_token[-1, -1]
     first = view.layers[int((view.top_token[:, -1] == final).argmax())]
     st.markdown(f"Next-token prediction at the last position: **{final}** (p = {view.top_prob[-1, -1]:.3f}); "

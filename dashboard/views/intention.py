@@ -27,18 +27,24 @@ if source == "Load a run":
         except backend.ResultsError as exc:
             st.error(f"Cannot open this run: {exc}")
 else:
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     n = c1.slider("Problems", 4, 40, 10, key="int_n")
     regimes = c2.multiselect("Regimes", ["direct", "cot", "babble"], default=["direct", "cot", "babble"],
                              key="int_regimes")
     budget = c3.slider("New tokens per answer", 4, 128, 24, key="int_budget")
+    shots = c4.number_input("Worked examples (shots)", 0, 8, backend.default_shots(), key="int_shots",
+                            help="few-shot examples before each question; the default is the CLI's --shots default")
     st.caption("Generated arithmetic problems, greedy decoding, Recov by 5-fold CV (needs both right and wrong "
                "answers). Small sets give wide intervals.")
     if regimes and st.toggle("Run", key="int_run"):
         with ui.shown_errors("The live regime run"):
-            tables = backend.live_regimes(key, n, tuple(regimes), budget)
+            tables = backend.live_regimes(key, n, tuple(regimes), budget, shots=int(shots))
 if tables is not None:
     reg = tables["regimes"]
+    if not len(reg) or ("accuracy" in reg.columns and (reg["accuracy"].fillna(0) == 0).all()):
+        st.warning("Degenerate result: accuracy is 0 in every regime (no answer was right), so Recov and the "
+                   "accuracy bars say nothing. Try more new tokens per answer, a few worked examples (shots), or a "
+                   "larger model.")
     labels = list(reg["regime"])
     left, mid, right = st.columns(3)
     if {"accuracy_ci_low", "accuracy_ci_high"} <= set(reg.columns):

@@ -13,6 +13,15 @@ st.caption("Follow-the-Flow replacement: the span's residual states are overwrit
            "`[BOS] + span` runs alone, at the output of every block in the range (`blocks.l.resid_post`); "
            "later tokens see the replaced span.")
 words = sorted({w for w in re.findall(r"[A-Za-z][\w'-]*", prompt)}, key=prompt.find)
+# A span picked (or typed) for an earlier prompt is stale once the prompt changes: start again from a word of the
+# new prompt instead of failing on the old one.
+stale = None
+if st.session_state.get("leak_prompt_seen") != prompt:
+    old_span = st.session_state.get("leak_span")
+    if old_span and old_span not in prompt:
+        stale = old_span
+        del st.session_state["leak_span"]
+    st.session_state["leak_prompt_seen"] = prompt
 c1, c2 = st.columns(2)
 span = c1.selectbox("Span (a word of the prompt)", words, index=len(words) // 2 if words else None, key="leak_span",
                     accept_new_options=True, help="pick a word, or type any substring of the prompt")
@@ -23,6 +32,9 @@ c1, c2, c3 = st.columns(3)
 mode = c1.selectbox("Positions of the lone run", ["isolated", "original"], key="leak_mode")
 which = c2.selectbox("Span tokens replaced", ["all", "last"], key="leak_tokens")
 new_tokens = c3.slider("New tokens", 4, 48, 16, key="leak_new")
+if stale is not None:
+    st.info(f"The prompt changed and no longer holds the span '{stale}': the span is now "
+            + (f"'{span}'." if span else "empty; pick a word of the prompt."))
 if not span:
     st.info("Pick a span of the prompt.")
     st.stop()

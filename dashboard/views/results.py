@@ -31,7 +31,7 @@ st.success(f"Opened {res.path}" + (f" (a `{res.study}` run)" if res.study else "
 for name, problem in res.problems.items():
     st.warning(f"{name} could not be read: {problem}")
 if res.summary is not None:
-    with st.expander("summary.json", expanded=True):
+    with st.expander("summary.json", expanded=False):
         st.json(res.summary)
 
 

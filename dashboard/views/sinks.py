@@ -41,11 +41,13 @@ with ui.shown_errors("The sink analysis"):
     left.plotly_chart(figures.pattern_heatmap(pattern, tokens, factor, f"Attention pattern L{layer}H{head}"),
                       key="sink_pattern")
     profile = result.layers
+    norm_scale = right.radio("Norm scale", figures.SCALES, horizontal=True, key="sink_norm_scale",
+                             help="log10 by default: the first token's norm dwarfs the others")
     right.plotly_chart(figures.layer_curves(
         {"first token": profile["resid_first"], "largest other": profile["resid_max_other"],
          "mean other": profile["resid_mean_other"]},
         "Residual norm per layer (resid_post)", "L2 norm",
-        [f"L{int(x)}" for x in profile["layer"]]), key="sink_norms")
+        [f"L{int(x)}" for x in profile["layer"]], scale=norm_scale), key="sink_norms")
 
 st.subheader("Prose vs code")
 st.caption("Active-dormant heads switch between sinking on one domain and working on the other. This runs the same "

@@ -38,6 +38,7 @@ left.plotly_chart(figures.layer_curves(curves, "Held-out AUROC per layer", "AURO
 if view.projections is not None:
     groups = {("true" if lab == 1 else "false"): g["projection"].to_numpy()
               for lab, g in view.projections.groupby("label")}
+    groups = {k: groups[k] for k in ("false", "true") if k in groups}  # colours: figures.TRUTH_COLOURS
     right.plotly_chart(figures.histogram(groups, f"Held-out projections at layer {view.best_layer}",
                                          "projection on the direction"), key="truth_hist")
 if view.heads is not None and len(view.heads):
@@ -65,7 +66,8 @@ with ui.shown_errors("Steered generation"):
                                            "p_true"))
         gen = df[df["generated"]]
         col.metric(f"Mean p_true of the new tokens ({name})", f"{gen['p_true'].mean():.3f}" if len(gen) else "n/a")
-    st.caption("Colour: the direction's detector p_true per token (red = false, green = true); generated tokens are "
+    st.caption("Colour: the direction's detector p_true per token (red = false, green = true, as in the histogram "
+               "above); generated tokens are "
                "underlined. Hover a token for its score.")
     st.dataframe(pd.DataFrame({"plain": [runs["plain"]["token"].str.cat()],
                                "steered": [runs["steered"]["token"].str.cat()]}), hide_index=True)
