@@ -47,3 +47,11 @@ def prompt() -> str:
         st.warning("The prompt is empty: type one in the sidebar.")
         st.stop()
     return text
+
+
+def table(df, name: str, key: str, **dataframe_kw) -> None:
+    """Show ``df`` (``st.dataframe``, index hidden) with a "Download CSV" button beside it (file ``<name>.csv``,
+    every row of ``df``, not only those on screen)."""
+    st.dataframe(df, hide_index=True, **dataframe_kw)
+    st.download_button("Download CSV", df.to_csv(index=False).encode(), file_name=f"{name}.csv", mime="text/csv",
+                       key=key, on_click="ignore")

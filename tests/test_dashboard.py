@@ -61,6 +61,8 @@ def test_overview_shows_model_card_and_sites():
     handle = modelstore.get_model(modelstore.ModelKey("tiny-llama"))
     assert list(at.dataframe[1].value["site"]) == handle.site_names()
     assert "tiny-llama" in at.sidebar.caption[0].value and "cpu" in at.sidebar.caption[0].value
+    [download] = at.get("download_button")  # the site table comes with its CSV: every row, as shown
+    assert download.proto.label == "Download CSV"
 
 
 def test_dynamics_heatmap_follows_controls():

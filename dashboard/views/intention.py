@@ -63,4 +63,4 @@ if tables is not None:
     layers = [f"L{int(x)}" for x in sorted(dims["layer"].unique())]
     st.plotly_chart(figures.layer_curves(curves, "dim_eff per layer (participation ratio)", "dim_eff", layers),
                     key="int_dims")
-    st.dataframe(reg, hide_index=True)
+    ui.table(reg, "intention_regimes", "int_csv")

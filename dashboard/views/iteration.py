@@ -42,7 +42,7 @@ with ui.shown_errors("The iteration"):
     changed = table[table["fixed"] | table["broken"]]
     st.markdown(f"**Fixes and breaks** ({len(changed)})")
     if len(changed):
-        st.dataframe(changed[["position", "token", "target", "pred_first", "pred_final", "depth", "score", "fixed",
-                              "broken"]], hide_index=True)
+        ui.table(changed[["position", "token", "target", "pred_first", "pred_final", "depth", "score", "fixed",
+                          "broken"]], "iteration_fixes_and_breaks", "iter_csv")
     else:
         st.write("Iteration changed no prediction on this prompt.")

@@ -25,5 +25,5 @@ with ui.shown_errors("Reading the model card"):
     sites = backend.site_table(key)
     st.caption(f"{len(sites)} sites. Capture them with `hl.capture(handle, 'blocks.*.resid_post')`; patterns such as "
                "`blocks.3-7.attn.pattern` select several at once.")
-    st.dataframe(sites, hide_index=True, height=260)
+    ui.table(sites, "sites", "overview_csv_sites", height=260)
 st.info("The prompt in the sidebar is shared by every page. Pick a page on the left to look inside the model.")

@@ -2,7 +2,6 @@
 (layer x position of the residual stream, or layer x head), direct logit attribution of the clean prompt, and
 attribution patching against activation patching."""
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from hiddenlens.dashboard import backend, figures, ui
@@ -11,11 +10,6 @@ DEFAULTS = {"patch_clean": "The Eiffel Tower is in the city of", "patch_corrupte
             "patch_answer": " Paris", "patch_wrong": " Rome"}
 SITE_LABELS = {"resid_post": "residual stream (resid_post): layer x position",
                "attn.z": "attention heads (attn.z): layer x head"}
-
-
-def csv_button(df: pd.DataFrame, name: str, key: str) -> None:
-    st.download_button("Download CSV", df.to_csv(index=False).encode(), file_name=f"{name}.csv", mime="text/csv",
-                       key=key, on_click="ignore")
 
 
 st.header("Compare and patch")
@@ -64,8 +58,7 @@ st.plotly_chart(figures.patching_heatmap(view["z"], x, view["y"], f"Activation p
                                          "position (clean tokens)" if by_position else "head"),
                 key="patch_heatmap")
 with st.expander("Patching table"):
-    st.dataframe(view["table"], hide_index=True)
-    csv_button(view["table"], f"activation_patching_{site}_{direction}", "patch_csv_cells")
+    ui.table(view["table"], f"activation_patching_{site}_{direction}", "patch_csv_cells")
 
 st.subheader("Direct logit attribution (clean prompt)")
 st.caption(f"What each component writes directly into `logit({answer!r}) - logit({wrong!r})` at the last position "
@@ -78,12 +71,12 @@ with ui.shown_errors("Direct logit attribution"):
                                      f"(total {components.attrs['logit_diff']:.3f})", "logit difference"),
                     key="patch_dla")
     with st.expander("Components table"):
-        st.dataframe(components, hide_index=True)
-        csv_button(components, "dla_components", "patch_csv_dla")
+        ui.table(components, "dla_components", "patch_csv_dla")
     if st.toggle("Top heads", key="patch_heads"):
         n_top = st.slider("Heads shown", 1, max(1, len(heads)), min(10, len(heads)), key="patch_n_heads")
         st.dataframe(heads.head(n_top), hide_index=True)
-        csv_button(heads, "dla_heads", "patch_csv_heads")
+        st.download_button("Download CSV (every head)", heads.to_csv(index=False).encode(), file_name="dla_heads.csv",
+                           mime="text/csv", key="patch_csv_heads", on_click="ignore")
 
 st.subheader("Attribution vs activation patching")
 st.caption("Attribution patching estimates denoising activation patching to first order, "
@@ -100,5 +93,4 @@ with ui.shown_errors("Attribution patching"):
                     key="patch_scatter")
     st.metric("Pearson r", f"{r:.3f}")
     with st.expander("Comparison table"):
-        st.dataframe(both, hide_index=True)
-        csv_button(both, f"attribution_vs_activation_{compared}", "patch_csv_compare")
+        ui.table(both, f"attribution_vs_activation_{compared}", "patch_csv_compare")

@@ -60,4 +60,4 @@ if st.toggle("Compare prose and code", key="sink_domains"):
             col.plotly_chart(figures.head_grid(attention.head_grid(res.heads, "dormancy"), f"Dormancy on {name}",
                                                "dormancy"), key=f"sink_domain_{name}")
         st.markdown("Heads whose dormancy differs most between the domains:")
-        st.dataframe(contrast.head(12), hide_index=True)
+        ui.table(contrast, "sinks_domain_contrast", "sink_csv_contrast", height=320)
