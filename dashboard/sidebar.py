@@ -5,6 +5,8 @@ import streamlit as st
 import torch
 
 from . import modelstore, ui
+from hiddenlens.studies.report import PREPEND_BOS
+
 from .backend import MAX_PROMPT_CHARS
 from .modelstore import BACKENDS, BUILTIN_SPECS, ModelKey
 
@@ -64,5 +66,8 @@ def render() -> None:
                 where += f" ({torch.cuda.get_device_name(handle.device)})"
             st.sidebar.caption(f"Running **{spec}** on **{where}**, **{str(handle.dtype).replace('torch.', '')}**, "
                                f"backend **{handle.backend.name}**")
+    st.sidebar.toggle("Prepend BOS", value=PREPEND_BOS, key=ui.BOS_STATE,
+                      help="prepend the tokenizer's BOS to the prompt on every page (position 0 is then a fixed "
+                           "token); the CLI does the same unless given --no-bos")
     st.sidebar.text_area("Prompt (shared by all pages)", value=ui.DEFAULT_PROMPT, key=ui.PROMPT_STATE,
                          max_chars=MAX_PROMPT_CHARS, height=110)

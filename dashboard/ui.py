@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import streamlit as st
+
+from hiddenlens.studies.report import PREPEND_BOS, StudyResult, default_out
 
 from .modelstore import ModelKey
 
 KEY_STATE = "hl_model_key"
 PROMPT_STATE = "hl_prompt"
+BOS_STATE = "hl_add_bos"
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 
@@ -47,6 +51,20 @@ def prompt() -> str:
         st.warning("The prompt is empty: type one in the sidebar.")
         st.stop()
     return text
+
+
+def add_bos() -> bool:
+    """The sidebar's "Prepend BOS" toggle (default :data:`hiddenlens.studies.report.PREPEND_BOS`, as the CLI)."""
+    return bool(st.session_state.get(BOS_STATE, PREPEND_BOS))
+
+
+def save_as_run(make_result: Callable[[], StudyResult], study: str, key: str) -> None:
+    """A "Save as run" button: on click, ``make_result()`` (a study's ``Result``) is written through its writer to a
+    new folder ``<runs root>/<study>/<timestamp>`` (the Results page and ``Result.read`` open it)."""
+    if st.button("Save as run", key=key, help=f"write this view as a {study} run folder under the runs root"):
+        with shown_errors("Saving the run"):
+            folder = make_result().write(default_out(study))
+            st.success(f"Saved as a {study} run: {folder}")
 
 
 def table(df, name: str, key: str, **dataframe_kw) -> None:

@@ -39,6 +39,10 @@ STUDY_FILE = "study.json"
 #: the runs root (``hiddenlens dashboard --runs`` sets it for the dashboard)
 RUNS_ENV = "HIDDENLENS_RUNS_DIR"
 DEFAULT_RUNS_ROOT = "runs"
+#: The one BOS convention of the CLI's analyses and the dashboard: prepend the tokenizer's BOS so that position 0
+#: is a fixed token (the embedded SmolLM2's tokenizer adds none by itself). ``--no-bos`` / the dashboard's
+#: "Prepend BOS" toggle turn it off.
+PREPEND_BOS = True
 
 
 def runs_root() -> Path:
