@@ -23,6 +23,7 @@ WRITES = {
     "reliability.py": ["reliability.png"],
     "scale.py": ["scale.png"],
     "replace.py": ["replace.png"],
+    "reproduce.py": ["reproduce/report.md", "reproduce/claims.png", "reproduce/patching/report.md"],
     "steering.py": ["steering.png"],
     "truth.py": ["truth.png", "truth/report.md", "truth/direction_mass_mean.json"],
 }

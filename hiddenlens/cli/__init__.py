@@ -19,7 +19,8 @@ import typer
 from hiddenlens.common.errors import UserError
 from hiddenlens.probes.backends.errors import BackendError
 
-from . import analyze, bb, bench, capture, dashboard, demo, doctor, info, patch, steer, train_decider, train_lens, truth
+from . import (analyze, bb, bench, capture, dashboard, demo, doctor, info, patch, reproduce, steer, train_decider,
+               train_lens, truth)
 
 #: errors that describe a bad input, a path or folder that cannot be used, or an unsupported request (a backend
 #: lacking a capability), not a bug
@@ -47,6 +48,7 @@ app.command("dashboard")(dashboard.dashboard)
 app.command("train-lens")(train_lens.train_lens)
 app.command("train-decider")(train_decider.train_decider)
 app.command("patch")(patch.patch)
+app.command("reproduce")(reproduce.reproduce)
 app.add_typer(analyze.app, name="analyze")
 app.add_typer(bench.app, name="bench")
 app.add_typer(bb.app, name="bb")
