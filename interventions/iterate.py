@@ -218,12 +218,15 @@ def _crop_to(cache, length: int) -> None:
         cache.crop(-extra)
 
 
-def iterate_from(handle, fp: FirstPass, decider: Decider, max_iter: int = 2, k: int = DEFAULT_TOPK) -> IterationResult:
+def iterate_from(handle, fp: FirstPass, decider: Decider, max_iter: int = 2, k: int = DEFAULT_TOPK,
+                 lora=None) -> IterationResult:
     """Think-at-Hard over a teacher-forced text, starting from its :class:`FirstPass` (whose cache is cropped
-    back to iteration 0 first, so several deciders can share one first pass)."""
+    back to iteration 0 first, so several deciders can share one first pass). ``lora``: the handle of TaH's
+    LoRA-adapted copy (:func:`hiddenlens.interventions.tah_adapter.load_adapter`) that runs iterations >= 1;
+    None runs them on the base model (training-free)."""
     if max_iter < 1:
         raise ValueError("max_iter counts passes and must be >= 1 (1 = no iteration)")
-    handle = handle.with_backend("hf")
+    handle = (lora if lora is not None else handle).with_backend("hf")
     model = handle.hf_model
     T = fp.length
     _crop_to(fp.cache, T)
@@ -261,6 +264,6 @@ def iterate_from(handle, fp: FirstPass, decider: Decider, max_iter: int = 2, k: 
 
 
 def iterate_teacher_forced(handle, input_ids: Sequence[int] | torch.Tensor, decider: Decider, max_iter: int = 2,
-                           k: int = DEFAULT_TOPK) -> IterationResult:
-    """:func:`first_pass` then :func:`iterate_from`."""
-    return iterate_from(handle, first_pass(handle, input_ids, decider.sites), decider, max_iter, k)
+                           k: int = DEFAULT_TOPK, lora=None) -> IterationResult:
+    """:func:`first_pass` (base model) then :func:`iterate_from` (iterations >= 1 on ``lora`` when given)."""
+    return iterate_from(handle, first_pass(handle, input_ids, decider.sites), decider, max_iter, k, lora)

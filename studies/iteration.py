@@ -28,6 +28,7 @@ from hiddenlens.analyses.iteration import summarize, token_table
 from hiddenlens.common.stats import auroc, entropy, markdown_table
 from hiddenlens.interventions.decider import EntropyDecider, MaskDecider, load_decider, prose_chunks
 from hiddenlens.interventions.iterate import DEFAULT_TOPK, first_pass, iterate_from
+from hiddenlens.interventions.tah_adapter import load_adapter
 
 from .report import ModelSpec, StudyResult
 
@@ -45,8 +46,11 @@ class IterationEval:
 
 
 def evaluate_iteration(handle, chunks: list[list[int]], deciders: dict, max_iter: int = 2, k: int = DEFAULT_TOPK,
-                       with_always: bool = True, with_oracle: bool = True, progress: bool = True) -> IterationEval:
-    """Run every decider (plus ``always`` / ``oracle``) over each chunk, sharing one first pass per chunk."""
+                       with_always: bool = True, with_oracle: bool = True, progress: bool = True,
+                       lora=None) -> IterationEval:
+    """Run every decider (plus ``always`` / ``oracle``) over each chunk, sharing one first pass per chunk; with
+    ``lora`` (TaH's adapted handle, :func:`hiddenlens.interventions.tah_adapter.load_adapter`) every decider also
+    runs with its iterations >= 1 on the adapter, as ``<decider>+lora``."""
     if not chunks:
         raise ValueError("no chunks to evaluate")
     sites = sorted({s for d in deciders.values() for s in d.sites})
@@ -63,15 +67,16 @@ def evaluate_iteration(handle, chunks: list[list[int]], deciders: dict, max_iter
             if with_oracle:
                 run = {**run, "oracle": MaskDecider(wrong)}
             for name, dec in run.items():
-                res = iterate_from(handle, fp, dec, max_iter=max_iter, k=k)
-                table = token_table(handle, res, name, c)
-                if name in ("always", "oracle"):  # a fixed mask has no informative score: use the entropy
-                    table["score"] = entropy(fp.logits[:-1]).numpy()  # nats
-                tables.append(table)
+                for suffix, iterate_on in [("", None)] + ([("+lora", lora)] if lora is not None else []):
+                    res = iterate_from(handle, fp, dec, max_iter=max_iter, k=k, lora=iterate_on)
+                    table = token_table(handle, res, name + suffix, c)
+                    if name in ("always", "oracle"):  # a fixed mask has no informative score: use the entropy
+                        table["score"] = entropy(fp.logits[:-1]).numpy()  # nats
+                    tables.append(table)
     tokens = pd.concat(tables, ignore_index=True)
     meta = {"model": handle.spec, "n_chunks": len(chunks), "seq_len": len(chunks[0]), "max_iter": max_iter, "k": k,
             "deciders": {n: {"threshold": float(d.threshold), "sites": list(d.sites)} for n, d in deciders.items()},
-            "tah_reference": TAH_REFERENCE}
+            "tah_reference": TAH_REFERENCE, "lora": None if lora is None else lora.info.get("adapter_config")}
     return IterationEval(tokens, summarize(tokens), meta)
 
 
@@ -113,10 +118,12 @@ def plot_iteration(summary: pd.DataFrame, tokens: pd.DataFrame):
 @dataclass
 class IterationConfig(ModelSpec):
     """``decider``: the folder of a trained MLP decider (``hiddenlens train-decider``; None: entropy only), its
-    ``threshold`` override; ``entropy_threshold`` (nats); ``chunks`` evaluation chunks of ``seq_len`` tokens
+    ``threshold`` override; ``lora``: the folder of TaH's trained adapter (``hiddenlens train-adapter``; every
+    decider then also runs with it); ``entropy_threshold`` (nats); ``chunks`` evaluation chunks of ``seq_len`` tokens
     (second half of the offline prose); ``max_iter`` passes; ``topk`` of the soft-embedding feedback."""
 
     decider: str | None = None
+    lora: str | None = None
     threshold: float | None = None
     entropy_threshold: float = 2.5
     chunks: int = 16
@@ -165,8 +172,9 @@ TaH reference (paper / project page, with trained depth-aware LoRA and decider):
 
 {markdown_table(ref)}
 
-{line} TaH trains a LoRA for iterations >= 1 and its decider jointly; ours re-runs the untouched model on its own
-soft prediction, so it measures the feedback mechanism alone. The AUROC column says how well each decider's score
+{line} TaH trains a LoRA for iterations >= 1 and its decider; rows without `+lora` re-run the untouched model on
+its own soft prediction (the feedback mechanism alone); rows with `+lora` run iterations >= 1 on the trained
+adapter ({m.get('lora') or 'none in this run'}). The AUROC column says how well each decider's score
 ranks first-pass mispredictions (for `always`/`oracle` it is the entropy score's AUROC).
 
 ![iteration](iteration.png)
@@ -187,6 +195,7 @@ def run(config: IterationConfig, handle=None, progress: bool = True) -> Result:
     if config.decider:
         deciders["mlp"] = load_decider(config.decider, config.threshold)
     handle = handle if handle is not None else config.load()
+    lora = load_adapter(handle, config.lora) if config.lora else None
     ev = evaluate_iteration(handle, prose_chunks(handle, "eval", config.chunks, config.seq_len), deciders,
-                            max_iter=config.max_iter, k=config.topk, progress=progress)
+                            max_iter=config.max_iter, k=config.topk, progress=progress, lora=lora)
     return result_of(config, ev)

@@ -19,8 +19,8 @@ import typer
 from hiddenlens.common.errors import UserError
 from hiddenlens.probes.backends.errors import BackendError
 
-from . import (analyze, bb, bench, capture, dashboard, demo, doctor, info, patch, reproduce, steer, train_decider,
-               train_lens, truth)
+from . import (analyze, bb, bench, capture, dashboard, demo, doctor, info, patch, reproduce, steer, train_adapter,
+               train_decider, train_lens, truth)
 
 #: errors that describe a bad input, a path or folder that cannot be used, or an unsupported request (a backend
 #: lacking a capability), not a bug
@@ -47,6 +47,7 @@ app.command("doctor")(doctor.doctor)
 app.command("dashboard")(dashboard.dashboard)
 app.command("train-lens")(train_lens.train_lens)
 app.command("train-decider")(train_decider.train_decider)
+app.command("train-adapter")(train_adapter.train_adapter)
 app.command("patch")(patch.patch)
 app.command("reproduce")(reproduce.reproduce)
 app.add_typer(analyze.app, name="analyze")
