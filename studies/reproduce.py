@@ -196,6 +196,17 @@ def _iteration_gain(res) -> Estimate:
     return Estimate.of_mean(t["final_correct"].astype(float) - t["first_correct"].astype(float))
 
 
+def _truthprint_detection(res) -> Estimate:
+    s = res.summary
+    return Estimate(s["test_auroc"], *s["test_auroc_ci"])
+
+
+def _truthprint_steering(res) -> Estimate:
+    """Net change (fixes - breaks, share of test items) of detect-then-steer at the settings chosen on val."""
+    row = res.tables["steering"].set_index("mode").loc["conditional"]
+    return Estimate(float(row["net"]), float(row["net_ci_low"]), float(row["net_ci_high"]))
+
+
 def _attribution_r(res) -> Estimate:
     """Pearson r of attribution vs activation patching over cells, with a Fisher-z 95 % interval (cells are not
     independent: the interval is optimistic)."""
@@ -209,6 +220,7 @@ def _attribution_r(res) -> Estimate:
 
 
 GUO = "Active-Dormant Attention Heads (arXiv 2410.13835)"
+TRUTHPRINT = "TruthPrInt (arXiv 2503.10602)"
 CLAIMS: list[Claim] = [
     Claim(GUO, "Bigram-Backcopy: at non-trigger tokens the head is dormant (attention on BOS > 0.5)",
           "attention mass on BOS near 1 (qualitative)", "bigram_backcopy",
@@ -238,6 +250,11 @@ CLAIMS: list[Claim] = [
     Claim("The Geometry of Truth (arXiv 2310.06824)", "Truth is linearly decodable: held-out AUROC of the mass-mean "
           "direction at the layer chosen on validation", "linear separability (qualitative)", "truth",
           _truth_auroc, 0.5, +1),
+    Claim(TRUTHPRINT, "Hidden states flag hallucinated answer tokens: detection AUROC of the model's own first "
+          "answer token (layer chosen on val)", "high-specificity per-token indicators (qualitative)", "truthprint",
+          _truthprint_detection, 0.5, +1),
+    Claim(TRUTHPRINT, "Detect-then-steer (with rollback) fixes more answers than it breaks (net share of test items)",
+          "hallucination reduced (LVLMs; qualitative)", "truthprint", _truthprint_steering, 0.0, +1),
     Claim("Does Liking Yellow Imply Driving a School Bus? (arXiv 2408.06518)",
           "Semantic leakage: the concept prompt's continuations lean to the concept (leak rate > 0.5)",
           "leakage in every model tested (qualitative)", "leakage", _leak_rate, 0.5, +1),
@@ -276,6 +293,7 @@ PLANS: dict[str, Plan] = {
                   {}),
     "intention": Plan("intention", {"n": 40, "shots": 2}, {"n": 200, "shots": 2}),
     "truth": Plan("truth", {"transfer": []}, {}),
+    "truthprint": Plan("truthprint", {"families": ["capital", "continent"], "limit": 12, "alphas": [4.0]}, {}),
     "leakage": Plan("leakage", {"limit": 8, "samples": 2}, {}),
     "iteration": Plan("iteration", {"chunks": 4}, {}),
     "patching": Plan("patching", {}, {}),
@@ -327,7 +345,8 @@ class Result(StudyResult):
     @classmethod
     def read_extra(cls, run: RunFolder) -> dict:
         parts = {}
-        for name in run.tables["timings"]["study"]:
+        timings = run.tables["timings"]
+        for name in timings.loc[timings["status"] == "ok", "study"]:
             mod = importlib.import_module(f"hiddenlens.studies.{PLANS[name].module}")
             parts[name] = mod.Result.read(run.path / name)
         return {"parts": parts}
@@ -392,17 +411,23 @@ def claims_figure(claims: pd.DataFrame):
     return fig
 
 
-def evaluate_claims(parts: dict[str, StudyResult], seconds: dict[str, float]) -> pd.DataFrame:
-    """One row per claim of the studies in ``parts`` (see :class:`Result`)."""
+def evaluate_claims(parts: dict[str, StudyResult], seconds: dict[str, float],
+                    failed: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per claim of the studies in ``parts`` or ``failed`` (study -> why it stopped: its claims are
+    *not comparable*, with the reason); see :class:`Result`."""
+    failed = failed or {}
     rows = []
     for claim in CLAIMS:
-        if claim.study not in parts:
+        if claim.study not in parts and claim.study not in failed:
             continue
-        res = parts[claim.study]
-        try:
-            est, null = claim.measure(res), claim_null(claim, res)
-        except (KeyError, ValueError) as exc:  # a table or column the study could not fill on this model
-            est, null = Estimate.missing(f"not measured: {exc}"), claim.null
+        if claim.study in failed:
+            est, null = Estimate.missing(f"study failed: {failed[claim.study]}"), claim.null
+        else:
+            res = parts[claim.study]
+            try:
+                est, null = claim.measure(res), claim_null(claim, res)
+            except (KeyError, ValueError) as exc:  # a table or column the study could not fill on this model
+                est, null = Estimate.missing(f"not measured: {exc}"), claim.null
         rows.append({"paper": claim.paper, "claim": claim.claim, "paper_figure": claim.paper_figure,
                      "ours": est.text(), "interval": est.interval, "value": est.value, "low": est.low,
                      "high": est.high, "null": null,
@@ -416,17 +441,22 @@ def run(config: ReproduceConfig, handle=None, progress: bool = True) -> Result:
     claim. ``handle``: an already loaded model for ``config.model`` (default: loaded here)."""
     if handle is None and any(PLANS[name].uses_model for name in config.studies):
         handle = config.load()
-    parts, seconds = {}, {}
+    parts, seconds, failed = {}, {}, {}
     bar = tqdm(config.studies, desc="reproduce", unit="study", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         plan = PLANS[name]
         mod = importlib.import_module(f"hiddenlens.studies.{plan.module}")
         start = time.perf_counter()
-        parts[name] = mod.run(study_config(config, name), handle if plan.uses_model else None, progress=progress)
+        try:
+            parts[name] = mod.run(study_config(config, name), handle if plan.uses_model else None, progress=progress)
+        except ValueError as exc:  # includes UserError subclasses: this model cannot give this study's input
+            failed[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         seconds[name] = round(time.perf_counter() - start, 1)
-    claims = evaluate_claims(parts, seconds)
-    timings = pd.DataFrame({"study": list(seconds), "seconds": list(seconds.values())})
+    claims = evaluate_claims(parts, seconds, failed)
+    timings = pd.DataFrame({"study": list(seconds), "seconds": list(seconds.values()),
+                            "status": ["failed: " + failed[n] if n in failed else "ok" for n in seconds]})
     summary = {"model": config.model, "quick": config.quick, "seconds_total": float(sum(seconds.values())),
+               "failed": failed,
                "verdicts": claims["verdict"].value_counts().reindex(VERDICTS, fill_value=0).astype(int).to_dict()}
     return Result(config, summary, {"claims": claims, "timings": timings}, parts=parts)

@@ -72,17 +72,22 @@ def test_quick_run_on_tiny_llama_writes_one_report_with_every_study(tmp_path, ti
     config = rp.ReproduceConfig(model="tiny-llama", quick=True, studies=studies, overrides={  # take a minute)
         "intention": {"n": 8, "shots": 0, "max_new_tokens": {"direct": 4, "cot": 8, "babble": 8}},
         "sinks": {"n_prompts": 4, "n_tokens": 32, "eval_seqs": 16}, "leakage": {"limit": 3},
-        "iteration": {"chunks": 2, "seq_len": 32}, "patching": {"pairs": str(pairs)}})
+        "iteration": {"chunks": 2, "seq_len": 32}, "patching": {"pairs": str(pairs)},
+        "truthprint": {"families": ["continent"], "limit": 4, "layers": [0, 1], "max_new_tokens": 2}})
     res = rp.run(config, tiny_llama, progress=False)
     claims = res.tables["claims"]
     assert set(claims["study"]) == set(studies)
     assert len(claims) == sum(c.study in studies for c in rp.CLAIMS)
     assert set(claims["verdict"]) <= set(rp.VERDICTS)
     assert list(res.tables["timings"]["study"]) == studies and (res.tables["timings"]["seconds"] >= 0).all()
+    ok = list(res.tables["timings"].query("status == 'ok'")["study"])
+    for name in set(studies) - set(ok):   # a study this random model cannot feed (e.g. one-class answers)
+        assert claims[claims.study == name]["verdict"].eq("not comparable").all()
+        assert claims[claims.study == name]["ours"].str.startswith("study failed: ").all()
     folder = res.write(tmp_path / "rep")
     back = rp.Result.read(folder)
-    assert sorted(back.parts) == sorted(studies)
-    for study in studies:
+    assert sorted(back.parts) == sorted(ok)
+    for study in ok:
         assert (folder / study / "report.md").is_file()
     report = (folder / "report.md").read_text()
     assert "paper_figure" in report and "Time per study" in report and "verdict" in report
@@ -100,3 +105,17 @@ def test_cli_reproduce_quick_subset_and_refuses_a_used_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "--quick", "--model", "tiny-llama", "--studies", "truth", "--out", str(out)])
     assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_a_failed_study_is_reported_not_hidden(tiny_llama, monkeypatch):
+    from hiddenlens.studies import truth
+
+    def boom(*args, **kwargs):
+        raise ValueError("statements hold one class")
+
+    monkeypatch.setattr(truth, "run", boom)
+    res = rp.run(rp.ReproduceConfig(model="tiny-llama", quick=True, studies=["truth"]), tiny_llama, progress=False)
+    row = res.tables["claims"].iloc[0]
+    assert row["verdict"] == "not comparable" and row["ours"] == "study failed: statements hold one class"
+    assert res.tables["timings"]["status"].tolist() == ["failed: statements hold one class"]
+    assert res.summary["failed"] == {"truth": "statements hold one class"}
