@@ -187,11 +187,15 @@ def _leak_fix(res) -> Estimate:
     return Estimate.of_mean(diff)
 
 
+#: TaH's method first: trained decider with the trained adapter, then what the study had (a fixed order)
+ITERATION_ORDER = ("mlp+lora", "entropy+lora", "mlp", "entropy")
+
+
 def _iteration_gain(res) -> Estimate:
-    """Accuracy change from iterating, bootstrap over tokens, for the trained decider when the study had one,
-    else the entropy decider (a fixed order, not chosen on the outcome)."""
+    """Accuracy change from iterating, bootstrap over tokens, for the first of :data:`ITERATION_ORDER` the study
+    ran (a fixed order, not chosen on the outcome)."""
     tokens = res.tables["tokens"]
-    decider = "mlp" if "mlp" in set(tokens["decider"]) else "entropy"
+    decider = next(d for d in ITERATION_ORDER if d in set(tokens["decider"]))
     t = tokens[tokens["decider"] == decider]
     return Estimate.of_mean(t["final_correct"].astype(float) - t["first_correct"].astype(float))
 
