@@ -20,6 +20,7 @@ only "write a long stream of consciousness ... Do NOT solve ...").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from hiddenlens.common.batching import batch_starts
 from hiddenlens.common.stats import bootstrap_ci, wilson_ci
 from hiddenlens.probes.capture import capture
+from hiddenlens.probes.handle import common_prefix
 
 from .arithmetic import Problem, few_shot_examples, is_correct, parse_answer
 from .intention import (global_threshold_dimensionality, intention_entropy, layered_dimensionality,
@@ -46,8 +48,26 @@ REGIMES = tuple(PROMPTS)
 MAX_NEW_TOKENS = {"direct": 16, "cot": 96, "babble": 64}
 #: How each regime's answer is read: direct answers are the first number, worked solutions the last.
 PARSE_MODE = {"direct": "first", "cot": "last", "babble": "last"}
-_BABBLE_SHOT = ("This makes me think of a quiet afternoon, the smell of paper, a window with rain on it, the "
-                "way people collect small things and lose them again, and how lists never quite end.")
+#: Example babble replies (project-written). With ``babble_shots="varied"`` each worked example of each item gets one
+#: of these, drawn per item (:func:`babble_replies`), so items do not all show the same reply to copy.
+BABBLE_REPLIES = (
+    "This makes me think of a quiet afternoon, the smell of paper, a window with rain on it, and how lists never "
+    "quite end.",
+    "Markets in the morning are loud; someone always argues about the price of onions while a dog sleeps by a crate.",
+    "I keep picturing a train station in winter, steam from coffee cups, and a clock that is always a little fast.",
+    "Gardens remind me of my grandmother's hands, dirt under the nails, and the patience it takes to wait for beans.",
+    "There is something calming about folding laundry: the warm towels, the radio murmuring, socks that never pair.",
+    "A bicycle ride along the river, wind in the face, gulls arguing overhead, the bell that sticks on every bump.",
+    "Libraries have their own weather, dusty and still, with a cough somewhere and the creak of an old chair.",
+    "Cooking soup on a cold evening: chopping carrots, the onion that makes you cry, steam fogging the glasses.",
+    "Old photographs make me wonder who held the camera, what they laughed about, and where the blue car went.",
+    "The ocean at night sounds like breathing, and the lighthouse blinks as if it is trying to remember a song.",
+    "School hallways smell of floor wax and oranges; lockers bang, and someone is always running late.",
+    "Clouds over a field look like slow animals, a whale, then a teapot, then nothing at all, drifting east.",
+)
+#: ``babble_shots`` of :func:`run_regimes`: ``none`` (the babble regime is zero-shot even when the others get
+#: worked examples) or ``varied`` (as many examples as the others, each with a babble reply drawn per item).
+BABBLE_SHOTS = ("none", "varied")
 
 #: The paper's headline numbers (Mistral-7B-Instruct-v0.3 4-bit, GSM8K n = 200; "Intention Collapse: Intention-Level Metrics for Reasoning in Language Models" (arXiv 2601.01011)).
 PAPER_TABLE = pd.DataFrame([
@@ -62,17 +82,42 @@ PAPER_TABLE = pd.DataFrame([
 ])
 
 
-def build_messages(problem: Problem, regime: str, shots: list[Problem] = ()) -> list[dict]:
-    """Chat messages for one item: ``shots`` worked examples as earlier turns, then the question."""
+def babble_replies(item: int, k: int, seed: int = 0) -> list[str]:
+    """``k`` distinct example babble replies for item number ``item`` (seeded by ``seed`` and ``item``)."""
+    if k > len(BABBLE_REPLIES):
+        raise ValueError(f"{k} babble examples asked for, only {len(BABBLE_REPLIES)} written; use fewer shots")
+    rng = np.random.default_rng([seed, item])
+    return [BABBLE_REPLIES[i] for i in rng.choice(len(BABBLE_REPLIES), size=k, replace=False)]
+
+
+def build_messages(problem: Problem, regime: str, shots: list[Problem] = (),
+                   babble: Sequence[str] = ()) -> list[dict]:
+    """Chat messages for one item: ``shots`` worked examples as earlier turns, then the question. The babble
+    regime's example replies are ``babble`` (one per shot, e.g. from :func:`babble_replies`)."""
     if regime not in PROMPTS:
         raise ValueError(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")
+    if regime == "babble" and len(babble) != len(shots):
+        raise ValueError(f"babble with {len(shots)} worked examples needs {len(shots)} example replies, got "
+                         f"{len(babble)}; pass babble=babble_replies(item, {len(shots)}) or no shots")
     messages = []
-    for ex in shots:
-        reply = {"direct": str(ex.answer), "cot": ex.solution, "babble": _BABBLE_SHOT}[regime]
+    for i, ex in enumerate(shots):
+        reply = {"direct": str(ex.answer), "cot": ex.solution}[regime] if regime != "babble" else babble[i]
         messages += [{"role": "user", "content": PROMPTS[regime].format(q=ex.question)},
                      {"role": "assistant", "content": reply}]
     messages.append({"role": "user", "content": PROMPTS[regime].format(q=problem.question)})
     return messages
+
+
+def regime_messages(problems: list[Problem], regime: str, examples: list[Problem], babble_shots: str = "none",
+                    seed: int = 0) -> list[list[dict]]:
+    """Every item's chat messages for one regime: the worked ``examples`` before each question, except babble,
+    which gets none (``babble_shots="none"``) or the same number with replies drawn per item (``varied``)."""
+    if regime != "babble":
+        return [build_messages(p, regime, examples) for p in problems]
+    if babble_shots == "none" or not examples:
+        return [build_messages(p, regime) for p in problems]
+    return [build_messages(p, regime, examples, babble_replies(i, len(examples), seed))
+            for i, p in enumerate(problems)]
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -125,13 +170,17 @@ def _eos_ids(handle) -> set[int]:
 
 def generate_with_intention(handle, prompts: list[list[int]], layers: list[int], max_new_tokens: int,
                             batch_size: int = 8, post_collapse: bool = False, top_k: int = 100,
-                            progress: bool = False) -> dict:
+                            progress: bool = False, reuse_prefix: bool = True) -> dict:
     """Greedy batched generation that also records the intention measures (batches of similar prompt length).
 
     One capture (``positions="last"``) per batch keeps ``resid_post`` of ``layers`` and the logits at the last
     position of every forward: the prefill's entry is the pre-collapse state and the first-token distribution
     (the same numbers as a separate forward pass, which :func:`intention_pass` computes; the prefill reuses it
     instead of paying for the prompt twice).
+
+    ``reuse_prefix`` (hf backend): the prompts' common start (chat header, few-shot turns) is run once and its KV
+    cache reused by every batch (:meth:`~hiddenlens.probes.handle.ModelHandle.prefix_cache`); the captured last
+    positions and the generated tokens equal the path without reuse within float error (tested).
 
     Returns ``h_int`` / ``h_int_full`` ``[n]`` (bits), ``states`` ``[n, len(layers), d_model]``, ``texts``
     (decoded new tokens), ``n_new`` (new tokens up to and including the first EOS) and, with ``post_collapse``,
@@ -146,6 +195,10 @@ def generate_with_intention(handle, prompts: list[list[int]], layers: list[int],
     post = np.zeros((n, len(layers), d), np.float32) if post_collapse else None
     eos = _eos_ids(handle)
     sites = [f"blocks.{layer}.resid_post" for layer in layers]
+    prefix = None
+    if reuse_prefix and handle.backend.name == "hf" and len(prompts) > 1:
+        shared = common_prefix(prompts)
+        prefix = handle.prefix_cache(shared) if shared else None
 
     def entropies(name, t):  # keep only H_int of each forward's last-position logits, not [batch, vocab]
         if name != "logits":
@@ -156,7 +209,7 @@ def generate_with_intention(handle, prompts: list[list[int]], layers: list[int],
     for rows in tqdm(_length_batches([len(p) for p in prompts], batch_size),
                      desc=f"generate (<= {max_new_tokens} tokens)", disable=not progress, unit="batch"):
         with capture(handle, sites + ["logits"], positions="last", reduce=entropies, to="cpu") as cache:
-            gen = handle.generate([prompts[i] for i in rows], max_new_tokens=max_new_tokens)
+            gen = handle.generate([prompts[i] for i in rows], max_new_tokens=max_new_tokens, prefix=prefix)
         first = cache.chunks("logits")[0].value
         h_top[rows], h_full[rows] = first[:, 0].numpy(), first[:, 1].numpy()
         per_step = torch.stack([torch.cat([c.value for c in cache.chunks(s)], 1) for s in sites], 2)  # [b, step, L, d]
@@ -201,7 +254,8 @@ def _recov_row(states: np.ndarray, correct: np.ndarray, n_boot: int, seed: int, 
 
 def run_regimes(handle, problems: list[Problem], regimes=REGIMES, shots: int = 0, layers: list[int] | None = None,
                 batch_size: int = 8, max_new_tokens: dict | None = None, post_collapse: bool = False,
-                n_boot: int = 1000, seed: int = 42, progress: bool = True, on_regime=None) -> RegimeResults:
+                n_boot: int = 1000, seed: int = 42, progress: bool = True, on_regime=None,
+                babble_shots: str = "none", reuse_prefix: bool = True) -> RegimeResults:
     """Run every regime over ``problems`` and compute the per-item and per-regime metrics.
 
     Args:
@@ -209,6 +263,10 @@ def run_regimes(handle, problems: list[Problem], regimes=REGIMES, shots: int = 0
         problems: from :func:`hiddenlens.analyses.arithmetic.make_problems` (or GSM8K).
         regimes: any of ``direct``, ``cot``, ``babble``.
         shots: worked examples before each question (0 = zero-shot, the paper's setting).
+        babble_shots: ``none`` (babble stays zero-shot: with one fixed example reply the 135M model copied it
+            verbatim) or ``varied`` (``shots`` examples with replies drawn per item by :func:`babble_replies`).
+        reuse_prefix: run the prompts' shared start once per regime and reuse its KV cache
+            (:func:`generate_with_intention`).
         layers: blocks whose ``resid_post`` forms the intention state (default: the last 5).
         max_new_tokens: per-regime overrides of :data:`MAX_NEW_TOKENS`.
         post_collapse: also keep the v1 post-collapse state (final decoding step) and its dim_eff / Recov.
@@ -222,19 +280,23 @@ def run_regimes(handle, problems: list[Problem], regimes=REGIMES, shots: int = 0
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise ValueError(f"layers {bad or layers} out of range: this model has {n_layers} blocks (0-{n_layers - 1})")
+    if babble_shots not in BABBLE_SHOTS:
+        raise ValueError(f"babble_shots={babble_shots!r}: use one of {', '.join(BABBLE_SHOTS)}")
     budgets = {**MAX_NEW_TOKENS, **(max_new_tokens or {})}
     examples = few_shot_examples(shots)
     item_rows, regime_rows, dim_rows = [], [], []
     states, post_states = {}, {}
     config = {"model": handle.spec, "n": len(problems), "regimes": list(regimes), "shots": shots, "layers": layers,
               "batch_size": batch_size, "max_new_tokens": {r: budgets[r] for r in regimes},
+              "babble_shots": babble_shots if shots else "none", "reuse_prefix": reuse_prefix,
               "post_collapse": post_collapse, "n_boot": n_boot, "seed": seed, "decoding": "greedy",
               "h_int": "top-100 renormalised (authors' code); h_int_full: full vocabulary (paper Eq. 2)",
               "recoverability": "cv5: StratifiedKFold(5), C=1, out-of-fold AUROC, 1000-resample bootstrap CI"}
     for regime in regimes:
-        prompts = [chat_prompt_ids(handle.tokenizer, build_messages(p, regime, examples)) for p in problems]
+        prompts = [chat_prompt_ids(handle.tokenizer, m) for m in regime_messages(problems, regime, examples,
+                                                                                  babble_shots, seed)]
         gen = generate_with_intention(handle, prompts, layers, budgets[regime], batch_size, post_collapse,
-                                      progress=progress)
+                                      progress=progress, reuse_prefix=reuse_prefix)
         correct = np.array([is_correct(t, p.answer, PARSE_MODE[regime]) for t, p in zip(gen["texts"], problems)])
         for p, text, k, c, h, hf, plen in zip(problems, gen["texts"], gen["n_new"], correct, gen["h_int"],
                                              gen["h_int_full"], map(len, prompts)):

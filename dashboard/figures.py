@@ -97,31 +97,48 @@ def layer_curves(curves: dict[str, np.ndarray], title: str, yaxis: str, x_labels
     return fig
 
 
+def rgb_scale(name: str) -> list[list]:
+    """A plotly sequential colour scale (e.g. ``"Magma"``) as ``[[position, "rgb(r, g, b)"], ...]``. Streamlit's
+    chart theme rewrites the hex colours ``#000001`` ... ``#000040`` of a figure (its placeholders for theme
+    colours), and Magma starts at ``#000004``: passed by name, its darkest colour, the minimum, is drawn pink."""
+    import plotly.colors
+
+    colours = getattr(plotly.colors.sequential, name)
+    return [[i / (len(colours) - 1), "rgb({}, {}, {})".format(*plotly.colors.hex_to_rgb(c))]
+            for i, c in enumerate(colours)]
+
+
 def head_grid(scores: np.ndarray, title: str, colorbar: str, selected: tuple[int, int] | None = None
               ) -> go.Figure:
-    """Layer (y) x head (x) grid of square markers coloured by ``scores``; clickable (point selection)."""
-    n_layers, n_heads = scores.shape
+    """A heatmap of ``scores`` ``[n_layers, n_heads]``: layer (y, integer axis, layer 0 at the bottom) x head
+    (x, integer axis); the colour range is the data's own (``zmin`` / ``zmax`` = its finite min / max, so the
+    colour bar has no band below the weakest head); ``selected`` = ``(layer, head)`` is outlined.
+
+    Clicking a cell selects it: ``st.plotly_chart(..., on_select="rerun", selection_mode="points")`` returns its
+    ``x`` = head and ``y`` = layer. Streamlit selects points of scatter traces only (a click on a heatmap is not a
+    selection), so a transparent marker sits on every cell centre (trace 1) and takes the click and the hover;
+    with ``hoverdistance=-1`` a click anywhere in a cell picks that cell's marker."""
+    z = np.asarray(scores, dtype=float)
+    n_layers, n_heads = z.shape
+    finite = z[np.isfinite(z)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (None, None)
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
-    size = max(8, min(28, 520 // max(n_layers, n_heads)))
-    finite = np.asarray(scores, dtype=float)[np.isfinite(scores)]
-    cmin, cmax = (float(finite.min()), float(finite.max())) if finite.size else (None, None)
-    fig = go.Figure(go.Scatter(
-        x=head.ravel(), y=layer.ravel(), mode="markers",
-        marker=dict(symbol="square", size=size, color=scores.ravel(), colorscale="Magma", showscale=True,
-                    cmin=cmin, cmax=cmax, colorbar=dict(title=colorbar)),
-        customdata=np.stack([layer.ravel(), head.ravel()], axis=1),
-        hovertemplate="layer %{y}, head %{x}<br>" + colorbar + " %{marker.color:.3f}<extra></extra>"))
+    fig = go.Figure([
+        go.Heatmap(z=z.tolist(), x=list(range(n_heads)), y=list(range(n_layers)), colorscale=rgb_scale("Magma"), zmin=lo,
+                   zmax=hi, xgap=1, ygap=1, colorbar=dict(title=colorbar), hoverinfo="skip"),
+        go.Scatter(x=head.ravel().tolist(), y=layer.ravel().tolist(), mode="markers", showlegend=False,
+                   marker=dict(opacity=0, size=max(8, min(28, 520 // max(n_layers, n_heads)))),
+                   customdata=[f"{v:.3f}" if np.isfinite(v) else "n/a" for v in z.ravel()],
+                   hovertemplate="layer %{y}, head %{x}<br>" + colorbar + " %{customdata}<extra></extra>")])
     if selected is not None:
-        fig.add_trace(go.Scatter(x=[selected[1]], y=[selected[0]], mode="markers", hoverinfo="skip",
-                                 marker=dict(symbol="square-open", size=size + 6, color="#00c2ff",
-                                             line=dict(width=3)), showlegend=False))
+        fig.add_shape(type="rect", x0=selected[1] - 0.5, x1=selected[1] + 0.5, y0=selected[0] - 0.5,
+                      y1=selected[0] + 0.5, line=dict(color="#00c2ff", width=3))
     fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=max(300, 18 * n_layers + 140),
-                      xaxis=dict(dtick=1, tick0=0, range=[-0.5, n_heads - 0.5], zeroline=False, showgrid=False),
+                      xaxis=dict(dtick=max(1, n_heads // 16), tick0=0, range=[-0.5, n_heads - 0.5], zeroline=False,
+                                 showgrid=False),
                       yaxis=dict(dtick=max(1, n_layers // 16), tick0=0, range=[-0.5, n_layers - 0.5],
                                  zeroline=False, showgrid=False),
-                      clickmode="event+select",
-                      showlegend=False,
-                      **_LAYOUT)
+                      clickmode="event+select", hovermode="closest", hoverdistance=-1, showlegend=False, **_LAYOUT)
     return fig
 
 

@@ -65,10 +65,12 @@ def from_logits(lens: str, logits: torch.Tensor, norms: torch.Tensor, tokens: li
                     norm=norms.float().numpy())
 
 
-def lens_view(handle, prompt: str, tuned=None, max_positions: int = 48, top_k: int = 5) -> LensView:
+def lens_view(handle, prompt: str, tuned=None, max_positions: int = 48, top_k: int = 5,
+              add_bos: bool | None = None) -> LensView:
     """Logit lens (or the tuned lens ``tuned``) of ``prompt`` through ``hiddenlens.analyses.dynamics``; rows are
-    ``embed`` then every block's resid_post, columns the last ``max_positions`` tokens."""
-    logits, traj = lens_logits(handle, prompt, lens=tuned, include_embed=True)
+    ``embed`` then every block's resid_post, columns the last ``max_positions`` tokens (BOS prepended when
+    ``add_bos``, as ``handle.run``)."""
+    logits, traj = lens_logits(handle, prompt, lens=tuned, include_embed=True, add_bos=add_bos)
     n = min(max_positions, logits.shape[1])
     ids = traj.input_ids[0][-n:]
     labels = [site if block_of(site) is None else f"L{block_of(site)}" for site in traj.sites]

@@ -14,6 +14,10 @@ KEY_STATE = "hl_model_key"
 PROMPT_STATE = "hl_prompt"
 BOS_STATE = "hl_add_bos"
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
+PROMPTS_STATE = "hl_prompts"
+#: prompts offered in the sidebar's prompt list before the user keeps any (one per kind of page)
+EXAMPLE_PROMPTS = (DEFAULT_PROMPT, "The Eiffel Tower is in the city of", "He likes yellow. His father works as a",
+                   "The capital of Australia is", "def add(a, b):\n    return a +")
 
 
 def error_text(exc: BaseException) -> str:
@@ -64,7 +68,17 @@ def save_as_run(make_result: Callable[[], StudyResult], study: str, key: str) ->
     if st.button("Save as run", key=key, help=f"write this view as a {study} run folder under the runs root"):
         with shown_errors("Saving the run"):
             folder = make_result().write(default_out(study))
-            st.success(f"Saved as a {study} run: {folder}")
+            st.success(f"Saved the {study} run: {folder}")
+
+
+def save_view(key: ModelKey, page: str, params: dict, tables: dict, summary: dict | None = None,
+               button_key: str = "") -> None:
+    """"Save as run" for a page whose computation is not a paper study: the tables it shows, written through
+    :mod:`hiddenlens.studies.view` (study ``view``) with the model, the prompt and ``params``."""
+    from hiddenlens.studies.view import view_result
+
+    save_as_run(lambda: view_result(key, page, prompt(), params, tables, summary), "view",
+                button_key or f"save_{page}")
 
 
 def table(df, name: str, key: str, **dataframe_kw) -> None:

@@ -13,30 +13,54 @@ Reasoning Language Models", arXiv 2511.08577).
   **INFERRED deviations** from TaH, for a small CPU-trained decider: hidden 256 and 2 blocks instead of 512 and 6;
   inputs standardized with training-set mean and std (TaH: ``normalize_input=False``); ``pos_weight`` =
   negatives / positives of the training set (TaH: 5.4); Adam, lr 1e-3; the threshold is a fixed number (TaH learns
-  it). Saved as ``decider.safetensors`` + ``decider.json``; never pickled.
+  it). Saved as ``decider.safetensors`` + ``decider.json``; never pickled. :func:`cached_decider` trains one per
+  model weights on first use (:data:`CACHE_RECIPE`, under the user cache directory) and reads it afterwards.
 * :class:`MaskDecider`: a fixed set of positions at depth 0 (``always`` and the ``oracle`` in evaluations).
 """
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
+from filelock import FileLock
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from hiddenlens.common.errors import DamagedFileError
 from hiddenlens.common.files import write_json
 from hiddenlens.common.folders import committed_folder
 from hiddenlens.common.stats import auroc, entropy
 from hiddenlens.interventions.iterate import DEFAULT_TOPK, DeciderInput, first_pass, hidden_state_site
+from hiddenlens.models.embedded import cache_dir
 from hiddenlens.models.tiny import offline_prose
+from hiddenlens.probes.store import weights_hash
 
 #: TaH's hidden_states indices 2, 10, 18, 26 of a 30-layer model, as sites (block l's output is hidden_states[l+1])
 DEFAULT_SITES = ("blocks.1.resid_post", "blocks.9.resid_post", "blocks.17.resid_post", "blocks.25.resid_post")
+#: ``progress``: True / False for a tqdm bar, or a callback ``(fraction done in [0, 1], what it is doing)``
+Progress = Union[bool, Callable[[float, str], None]]
+
+
+def _report(progress: Progress, fraction: float, what: str) -> None:
+    """Call a progress callback (``progress`` callable); True / False bars are tqdm's."""
+    if callable(progress):
+        progress(min(max(float(fraction), 0.0), 1.0), what)
+
+
+def default_sites(n_layers: int) -> list[str]:
+    """TaH's four read-out depths (``hidden_states`` 2, 10, 18, 26 of 30 blocks) scaled to a model of ``n_layers``
+    blocks: :data:`DEFAULT_SITES` for 30 blocks; distinct sites, in depth order, for shallower models."""
+    if n_layers < 1:
+        raise ValueError(f"n_layers={n_layers}: a model has at least one block")
+    blocks = sorted({min(max(round(i * n_layers / 30) - 1, 0), n_layers - 1) for i in (2, 10, 18, 26)})
+    return [f"blocks.{b}.resid_post" for b in blocks]
 
 
 class EntropyDecider:
@@ -167,12 +191,13 @@ def prose_chunks(handle, split: str, n_chunks: int, seq_len: int = 128) -> list[
 
 
 def decider_dataset(handle, chunks: list[list[int]], sites: Sequence[str], k: int = DEFAULT_TOPK,
-                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    progress: Progress = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features ``[n, len(sites) * d + k]``, labels ``[n]`` (1 = first pass mispredicted) and first-pass
     entropies ``[n]`` for every position with a next token (the last one of each chunk has none)."""
     feats, labels, ents = [], [], []
     with torch.inference_mode():
-        for ids in tqdm(chunks, desc="decider data", disable=not progress):
+        for i, ids in enumerate(tqdm(chunks, desc="decider data", disable=progress is not True)):
+            _report(progress, i / len(chunks), f"reading prose chunk {i + 1} of {len(chunks)}")
             fp = first_pass(handle, ids, sites)
             n = fp.length - 1
             feats.append(decider_features({s: h[:n] for s, h in fp.hidden.items()}, fp.logits[:n], sites, k))
@@ -184,7 +209,7 @@ def decider_dataset(handle, chunks: list[list[int]], sites: Sequence[str], k: in
 # ---- training --------------------------------------------------------------------------------------------------
 def train_mlp_decider(features: torch.Tensor, labels: torch.Tensor, config: MLPDeciderConfig, epochs: int = 8,
                       lr: float = 1e-3, batch_size: int = 256, val_fraction: float = 0.2, seed: int = 0,
-                      progress: bool = True) -> MLPDecider:
+                      progress: Progress = True) -> MLPDecider:
     """Train with BCE (``pos_weight`` = negatives/positives) on a random split; validation AUROC and accuracy go to
     ``config.metrics``."""
     if features.ndim != 2 or features.shape[0] != labels.shape[0]:
@@ -206,7 +231,8 @@ def train_mlp_decider(features: torch.Tensor, labels: torch.Tensor, config: MLPD
     model.std.copy_(features[tr].std(0).clamp(min=1e-6))
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(tr) - pos) / pos))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in tqdm(range(epochs), desc="train decider", disable=not progress):
+    for epoch in tqdm(range(epochs), desc="train decider", disable=progress is not True):
+        _report(progress, epoch / epochs, f"training the decider, epoch {epoch + 1} of {epochs}")
         model.train()
         for idx in torch.randperm(len(tr), generator=g).split(batch_size):
             opt.zero_grad()
@@ -242,13 +268,76 @@ def load_decider(folder: str | Path, threshold: float | None = None) -> MLPDecid
     if not cfg_path.is_file() or not w_path.is_file():
         raise FileNotFoundError(f"{folder} lacks decider.json / decider.safetensors; train one with "
                                 f"`hiddenlens train-decider --out {folder}`")
-    meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+        state = load_file(str(w_path))
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as exc:
+        raise DamagedFileError(f"the decider in {folder} is damaged or truncated ({' '.join(str(exc).split())}); "
+                               "train it again (`hiddenlens train-decider`)") from None
     if "layers" in meta:  # written before sites: TaH's hidden_states indices of a model with n_layers blocks
         n_layers = int(meta.pop("n_layers", 30))
         meta["sites"] = [hidden_state_site(i, n_layers) for i in meta.pop("layers")]
-    config = MLPDeciderConfig(**meta)
-    if threshold is not None:
-        config.threshold = float(threshold)
-    model = MLPDecider(config)
-    model.load_state_dict(load_file(str(w_path)))
+    try:
+        config = MLPDeciderConfig(**meta)
+        if threshold is not None:
+            config.threshold = float(threshold)
+        model = MLPDecider(config)
+        model.load_state_dict(state)
+    except (TypeError, RuntimeError) as exc:
+        raise DamagedFileError(f"decider.json and decider.safetensors in {folder} do not fit together "
+                               f"({' '.join(str(exc).split())[:200]}); train it again") from None
     return model.eval()
+
+
+# ---- the decider trained once per model and cached -----------------------------------------------------------
+#: how :func:`cached_decider` trains: prose chunks of the first half of the offline prose (the evaluation split
+#: of ``prose_chunks`` is the second half), the decider's default architecture, sites :func:`default_sites`
+CACHE_RECIPE = {"chunks": 48, "seq_len": 128, "topk": DEFAULT_TOPK, "epochs": 8, "lr": 1e-3, "seed": 0}
+
+
+def cached_decider_dir(handle) -> Path:
+    """Where the cached decider of ``handle``'s weights lives: ``<cache>/deciders/<weights sha256>/``
+    (cache: :func:`hiddenlens.models.embedded.cache_dir`)."""
+    sha = handle.info.setdefault("weights_sha256", weights_hash(handle.hf_model))
+    return cache_dir() / "deciders" / sha
+
+
+def cached_decider(handle, threshold: float | None = None, progress: Progress = True,
+                   retrain: bool = False) -> MLPDecider:
+    """The MLP decider of ``handle``'s exact weights: read from :func:`cached_decider_dir`, or trained on first use
+    (:data:`CACHE_RECIPE`) and written there as one folder commit (a killed run leaves nothing; two processes
+    training at once wait on one lock). A damaged cached decider is trained again (with a warning), never loaded.
+    ``threshold`` overrides the stored one (0.5)."""
+    folder = cached_decider_dir(handle)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".train.lock"):
+        if (folder / "decider.json").is_file() and not retrain:
+            try:
+                model = load_decider(folder, threshold)
+                _report(progress, 1.0, f"decider read from {folder}")
+                return model
+            except DamagedFileError as exc:
+                warnings.warn(f"the cached decider could not be used ({exc}); training it again", stacklevel=2)
+        model = train_decider_for(handle, progress=progress, **CACHE_RECIPE)
+        save_decider(model, folder, overwrite=True)
+    if threshold is not None:
+        model.config.threshold = float(threshold)
+    return model
+
+
+def train_decider_for(handle, sites: Sequence[str] | None = None, chunks: int = 48, seq_len: int = 128,
+                      topk: int = DEFAULT_TOPK, hidden: int = 256, n_blocks: int = 2, epochs: int = 8,
+                      lr: float = 1e-3, threshold: float = 0.5, seed: int = 0, progress: Progress = True
+                      ) -> MLPDecider:
+    """Build the training set from ``chunks`` training-split prose chunks of ``seq_len`` tokens
+    (:func:`prose_chunks`, :func:`decider_dataset`) at ``sites`` (default :func:`default_sites`) and train an
+    :class:`MLPDecider` on it (:func:`train_mlp_decider`); data is the first 80 % of ``progress``."""
+    sites = list(sites) if sites is not None else default_sites(handle.n_layers)
+    step = (lambda f, w: _report(progress, 0.8 * f, w)) if callable(progress) else progress
+    feats, labels, _ = decider_dataset(handle, prose_chunks(handle, "train", chunks, seq_len), sites, topk, step)
+    cfg = MLPDeciderConfig(sites=sites, d_model=handle.adapter.d_model, topk=topk, hidden=hidden, n_blocks=n_blocks,
+                           threshold=threshold, model=handle.spec)
+    step = (lambda f, w: _report(progress, 0.8 + 0.2 * f, w)) if callable(progress) else progress
+    model = train_mlp_decider(feats, labels, cfg, epochs=epochs, lr=lr, seed=seed, progress=step)
+    _report(progress, 1.0, "decider trained")
+    return model

@@ -42,6 +42,8 @@ from hiddenlens.probes.capture import capture
 from hiddenlens.probes.edit import Apply, Edit
 from hiddenlens.probes.sites import parse_layers
 
+from hiddenlens.interventions.steer import decode_greedy
+
 MODES = ("isolated", "original")
 TOKEN_CHOICES = ("all", "last")
 
@@ -299,10 +301,58 @@ def generate_replaced(handle, span: Span, layers, mode: str = "isolated", tokens
     return gen, log
 
 
+def every_site(n_layers: int) -> str:
+    """The layer spec of every replaceable site (``"embed,0-{n_layers - 1}"``): one lone run at these sites
+    (:func:`isolated_states`) serves every layer range (:func:`select_states`)."""
+    return f"embed,0-{n_layers - 1}"
+
+
+def select_states(states: torch.Tensor, layers, n_layers: int) -> torch.Tensor:
+    """The rows of ``states`` (``[n_layers + 1, n_tokens, d_model]``, :func:`isolated_states` at
+    :func:`every_site`) for :func:`replacement_sites` ``(layers)``: ``[n_sites, n_tokens, d_model]``."""
+    order = replacement_sites(every_site(n_layers), n_layers)
+    if states.shape[0] != len(order):
+        raise ValueError(f"states hold {states.shape[0]} sites; every_site({n_layers}) has {len(order)}")
+    return states[[order.index(s) for s in replacement_sites(layers, n_layers)]]
+
+
+@dataclass
+class Continuation:
+    """A greedy continuation of a span's prompt: ``prompt_ids`` (the prompt as it ran), ``new_ids``, ``text`` (the
+    new tokens decoded, special tokens skipped) and ``log_probs`` ``[vocab]`` (float32, CPU), the next-token
+    distribution at the prompt's last position."""
+
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    log_probs: torch.Tensor
+
+
+def continue_span_prompt(handle, span: Span, layers=None, mode: str = "isolated", tokens: str = "all",
+                         states: torch.Tensor | None = None, max_new_tokens: int = 20,
+                         on_token=None) -> tuple[Continuation, ReplacementLog | None]:
+    """Greedy continuation of ``span.prompt`` without (``layers`` None) or with the replacement of ``span`` at
+    ``layers`` (``states`` as in :func:`replacement`), in one KV-cache loop on the ``hf`` view over the same
+    weights (:func:`hiddenlens.interventions.steer.decode_greedy`; the same tokens as ``handle.generate``). The
+    prompt's pass also gives the next-token distribution, so a before / after comparison needs no other forward.
+    ``on_token(new ids so far)`` follows the tokens as they come."""
+    view = handle.with_backend("hf")
+    ids = list(span.input_ids)
+    if layers is None:
+        new, first = decode_greedy(view, ids, max_new_tokens, on_token=on_token)
+        log = None
+    else:
+        with replacement(view, span, layers, mode, tokens, states) as log:
+            new, first = decode_greedy(view, ids, max_new_tokens, on_token=on_token)
+    text = handle.tokenizer.decode(new, skip_special_tokens=True)
+    return Continuation(ids, new, text, log_probs(first)), log
+
+
 @dataclass
 class ReplacementComparison:
     """For the dashboard: next-token top-k before/after (``table``: token, p_before, p_after), the KL between the
-    two next-token distributions (nats), greedy continuations before/after, and the replacement log."""
+    two next-token distributions (nats), greedy continuations before/after (text; ``new_tokens_*``: how many
+    tokens each generated, an EOS included), and the replacement log."""
 
     span: Span
     table: pd.DataFrame
@@ -310,21 +360,31 @@ class ReplacementComparison:
     continuation_before: str
     continuation_after: str
     log: ReplacementLog
+    new_tokens_before: int = 0
+    new_tokens_after: int = 0
 
 
-def compare_replacement(handle, prompt: str, span: str | tuple[int, int], layers, mode: str = "isolated",
+def compare_replacement(handle, prompt: str, span: str | tuple[int, int] | Span, layers, mode: str = "isolated",
                         tokens: str = "all", add_bos: bool | None = True, top_k: int = 10,
-                        max_new_tokens: int = 20) -> ReplacementComparison:
-    """Next-token distribution and greedy continuation of ``prompt`` before and after replacing ``span``."""
-    res = run_replaced(handle, prompt, span, layers, mode, tokens, add_bos)
-    lp_b, lp_a = log_probs(res.logits_before[-1]), log_probs(res.logits_after[-1])
+                        max_new_tokens: int = 20, before: Continuation | None = None,
+                        states: torch.Tensor | None = None, on_token=None) -> ReplacementComparison:
+    """Next-token distribution and greedy continuation of ``prompt`` before and after replacing ``span``: two
+    greedy runs (:func:`continue_span_prompt`). What a view can keep across changes: ``before`` (the plain run,
+    independent of the span and the layers) and ``states`` (the span's lone-run states at these layers' sites,
+    e.g. :func:`select_states` of one run at :func:`every_site`). ``on_token`` streams the "after" tokens."""
+    sp = span if isinstance(span, Span) else locate_span(handle, prompt, span, add_bos)
+    if before is None:
+        before, _ = continue_span_prompt(handle, sp, max_new_tokens=max_new_tokens)
+    elif before.prompt_ids != list(sp.input_ids):
+        raise ValueError("before= continues another prompt (or another BOS choice) than the span's; pass the "
+                         "continuation of this prompt")
+    after, log = continue_span_prompt(handle, sp, layers, mode, tokens, states, max_new_tokens, on_token)
+    lp_b, lp_a = before.log_probs, after.log_probs
     kl = float(kl_divergence(lp_a, lp_b, from_log_probs=True))
     top = torch.unique(torch.cat([lp_b.topk(top_k).indices, lp_a.topk(top_k).indices]))
     table = pd.DataFrame({"token_id": top.tolist(),
                           "token": [handle.tokenizer.decode([int(t)]) for t in top],
                           "p_before": lp_b[top].exp().tolist(), "p_after": lp_a[top].exp().tolist()})
     table = table.sort_values("p_before", ascending=False, ignore_index=True)
-    before, _ = generate_replaced(handle, res.span, layers, mode, tokens, max_new_tokens=max_new_tokens,
-                                  replace=False)
-    after, log = generate_replaced(handle, res.span, layers, mode, tokens, max_new_tokens=max_new_tokens)
-    return ReplacementComparison(res.span, table, kl, before.texts[0], after.texts[0], log)
+    return ReplacementComparison(sp, table, kl, before.text, after.text, log, len(before.new_ids),
+                                 len(after.new_ids))

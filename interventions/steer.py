@@ -34,6 +34,7 @@ returning text.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -167,7 +168,7 @@ class Steering(Edit):
         super().begin_forward(offset, attention_mask, length)
         if offset == 0:
             self._p = self.prompt_length or length
-        P = self._p
+        P = self.prompt_length or self._p  # a run may start after a prefilled prompt (offset > 0)
         if self.mode == "all":
             self.positions = None
         elif self.mode == "prompt":
@@ -424,3 +425,129 @@ def _decode_one(view, steer: Steering, cache, req: SteerRequest, ids, max_new_to
         if tok in eos:
             break
     return seq, flagged, p_list
+
+
+# ---- a prompt prefilled once, greedy decoding that streams (the dashboard's steering and leakage views) ----------
+@dataclass
+class PrefilledPrompt:
+    """A prompt run once through the model: ``ids`` (its ``P`` token ids, as ``handle.tokenize`` gives them) and
+    ``cache``, the transformers KV cache of positions ``0..P-2``, unsteered. The last prompt position is left out
+    because mode ``generated`` steers it (it chooses the first new token). Read-only: every use decodes on a copy
+    (:meth:`copy_cache`), so one prefill serves any number of alphas."""
+
+    ids: list[int]
+    cache: object
+
+    def copy_cache(self):
+        return copy.deepcopy(self.cache)
+
+
+def _eos_ids(handle) -> set[int]:
+    eos = handle.hf_model.generation_config.eos_token_id
+    return set([eos] if isinstance(eos, int) else (eos or []))
+
+
+def _empty_cache(view):
+    # transformers is heavy to import: only when KV-cache decoding runs
+    from transformers import DynamicCache
+
+    return DynamicCache(config=view.hf_model.config)
+
+
+def _feed(view, kv, tokens: list[int], start: int) -> torch.Tensor:
+    """One forward of ``tokens`` at absolute positions ``start..`` on top of ``kv`` (which holds ``0..start-1``);
+    the logits of its last position, ``[vocab]``."""
+    inp = torch.tensor([tokens], device=view.device)
+    mask = torch.ones(1, start + len(tokens), dtype=torch.long, device=view.device)
+    return view.hf_model(input_ids=inp, attention_mask=mask, cache=kv, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+
+def prefill(handle, prompt, add_bos: bool | None = None) -> PrefilledPrompt:
+    """Tokenize ``prompt`` (a string or token ids; BOS by :meth:`ModelHandle.tokenize`'s rule) and run positions
+    ``0..P-2`` once, keeping their KV cache (on the ``hf`` view over the same weights, as conditional steering)."""
+    ids = handle.tokenize([prompt], add_bos=add_bos).input_ids[0].tolist()
+    view = handle.with_backend("hf")
+    kv = _empty_cache(view)
+    if len(ids) > 1:
+        with torch.inference_mode():
+            _feed(view, kv, ids[:-1], 0)
+    return PrefilledPrompt(ids, kv)
+
+
+def decode_greedy(view, ids: list[int], max_new_tokens: int, start: int = 0, kv=None,
+                  on_token: Callable[[list[int]], None] | None = None,
+                  check: Callable[[torch.Tensor, int], None] | None = None) -> tuple[list[int], torch.Tensor]:
+    """Greedy KV-cache decoding on an ``hf`` handle: feed ``ids[start:]`` on top of ``kv`` (which holds positions
+    ``0..start-1`` of ``ids``; None: a new cache, ``start`` 0), then one token per step until ``max_new_tokens``
+    or an EOS token (kept, as ``generate`` keeps it). ``check(logits, step)`` sees every step's logits before a
+    token is chosen from them; ``on_token(new ids so far)`` follows the tokens as they come (a page streams
+    them). Edits and captures open on ``view`` apply, at absolute positions. Returns ``(new token ids, logits
+    [vocab] of the first step)``: the next-token distribution of the prompt as it ran."""
+    if not 0 <= start < len(ids):
+        raise ValueError(f"start={start}: feed at least the last of the {len(ids)} prompt tokens")
+    kv = _empty_cache(view) if kv is None else kv
+    eos = _eos_ids(view)
+    new: list[int] = []
+    with torch.inference_mode():
+        logits = first = _feed(view, kv, list(ids[start:]), start)
+        while True:
+            if check is not None:
+                check(logits, len(new))
+            tok = int(logits.argmax())
+            new.append(tok)
+            if on_token is not None:
+                on_token(list(new))
+            if tok in eos or len(new) >= max_new_tokens:
+                return new, first.float().cpu()
+            logits = _feed(view, kv, [tok], len(ids) + len(new) - 1)
+
+
+def continue_prefilled(handle, prompt: PrefilledPrompt, max_new_tokens: int = 32,
+                       on_token: Callable[[list[int]], None] | None = None) -> list[int]:
+    """The plain greedy continuation of a prefilled prompt (the same tokens as ``handle.generate``): new ids."""
+    view = handle.with_backend("hf")
+    return decode_greedy(view, prompt.ids, max_new_tokens, len(prompt.ids) - 1, prompt.copy_cache(), on_token)[0]
+
+
+def steer_prefilled(handle, prompt: PrefilledPrompt, directions: Sequence[Direction], alpha: float,
+                    mode: str = "generated", max_new_tokens: int = 32,
+                    on_token: Callable[[list[int]], None] | None = None) -> SteerOutput:
+    """:func:`steer_generate` of one prefilled prompt (the same tokens), decoding greedily in its own KV-cache loop
+    so that ``on_token(new ids so far)`` can stream them. Mode ``generated`` starts from a copy of the prompt's
+    cache (positions ``0..P-2`` are never steered in that mode), so a new alpha costs the new tokens only; modes
+    ``all`` and ``prompt`` steer the prompt and run it again. Conditional mode is :func:`steer_generate`'s."""
+    if mode == "conditional":
+        raise ValueError("mode='conditional' decodes with rollbacks: use steer_generate(..., on_event=)")
+    req = check_request(handle, directions, alpha, mode, max_new_tokens)
+    view = handle.with_backend("hf")
+    ids, P = prompt.ids, len(prompt.ids)
+    start, kv = (P - 1, prompt.copy_cache()) if mode == "generated" else (0, None)
+
+    def check(logits, step):
+        check_logits(logits, step, req, view.dtype)
+
+    with Steering(view, req.directions, req.alpha, mode, P if mode in ("prompt", "generated") else None) as steer:
+        new, _ = decode_greedy(view, ids, max_new_tokens, start, kv, on_token, check)
+    seq = torch.tensor([ids + new], device=handle.device)
+    width = seq.shape[1]
+    per_site = {k: _fit(v, width) for k, v in steer.changes.get(0, {}).items()}
+    added = _fit(steer.added_norm(0), width) if per_site else torch.zeros(seq.shape)
+    texts = [handle.tokenizer.decode(new, skip_special_tokens=True)]
+    return SteerOutput(seq, P, texts, added, per_site, mode, req.alpha)
+
+
+def continuation_states(handle, prompt: PrefilledPrompt, ids: Sequence[int], site: str,
+                        head: int | None = None) -> torch.Tensor:
+    """Unsteered states at ``site`` of positions ``P-1..`` of ``ids`` (a continuation of the prefilled prompt: its
+    first ``P`` ids are the prompt's), from one forward on top of a copy of the prompt's cache:
+    ``[len(ids) - P + 1, width]`` float32 on the CPU (``width`` d_model, or head_dim of ``head`` at a per-head
+    site). Positions ``0..P-2`` are the prompt's own, the same for every continuation."""
+    P = len(prompt.ids)
+    if list(ids[:P]) != prompt.ids:
+        raise ValueError("ids do not start with the prefilled prompt's tokens")
+    view = handle.with_backend("hf")
+    kv = prompt.copy_cache()
+    with capture(view, [site], to="cpu") as cache, torch.inference_mode():
+        _feed(view, kv, list(ids[P - 1:]), P - 1)
+    h = cache.chunks(site)[0].value[0]
+    return (h[head] if head is not None else h).float()

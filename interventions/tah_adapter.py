@@ -26,24 +26,32 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hiddenlens.common.errors import UserError
+from filelock import FileLock
+
+from hiddenlens.common.errors import DamagedFileError, UserError
 from hiddenlens.common.files import atomic_path, write_json
 from hiddenlens.common.folders import committed_folder
+from hiddenlens.models.embedded import cache_dir
 from hiddenlens.probes.handle import ModelHandle
 from hiddenlens.probes.store import weights_hash
 
 from .iterate import DEFAULT_TOPK, Decider, DeciderInput, additive_mask, duo_causal_allowed, first_pass, soft_embedding
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter.json"
+#: how the cached adapter of a model is trained on first use (:func:`cached_adapter`): prose chunks, tokens per
+#: chunk, the entropy decider's threshold (nats) whose positions it learns on, and the optimizer steps
+CACHE_RECIPE = {"chunks": 32, "seq_len": 128, "entropy_threshold": 2.5, "steps": 48}
 
 
 class AdapterMismatchError(UserError, ValueError):
@@ -179,14 +187,23 @@ def load_adapter(handle, folder: str | Path) -> ModelHandle:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} is missing: pass the folder written by "
                                     "`hiddenlens train-adapter` (adapter.safetensors + adapter.json)")
-    meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        AdapterConfig(**meta["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DamagedFileError(f"{folder / CONFIG_FILE} is not an adapter description ({exc}); train the adapter "
+                               "again") from exc
     sha = handle.info.setdefault("weights_sha256", weights_hash(handle.with_backend("hf").hf_model))
     if meta.get("base_weights_sha256") != sha:
         raise AdapterMismatchError(f"{folder} was trained on {meta.get('base_spec')!r} (weights "
                                    f"{str(meta.get('base_weights_sha256'))[:12]}), not on {handle.spec!r} (weights "
                                    f"{sha[:12]}); train an adapter for this model")
     adapted = adapted_handle(handle, AdapterConfig(**meta["config"]))
-    state = load_file(str(folder / ADAPTER_FILE))
+    try:
+        state = load_file(str(folder / ADAPTER_FILE))
+    except SafetensorError as exc:
+        raise DamagedFileError(f"{folder / ADAPTER_FILE} is not a readable safetensors file ({exc}); train the "
+                               "adapter again") from exc
     own = dict(adapted.hf_model.named_parameters())
     if set(state) != {n for n in own if "lora_" in n}:
         raise AdapterMismatchError(f"{folder / ADAPTER_FILE} does not hold this model's LoRA weights "
@@ -196,4 +213,32 @@ def load_adapter(handle, folder: str | Path) -> ModelHandle:
             own[name].copy_(t)
             own[name].requires_grad_(False)
     adapted.hf_model.eval()
+    return adapted
+
+
+def cached_adapter_dir(handle) -> Path:
+    """Where the cached adapter of ``handle``'s weights lives: ``<cache>/adapters/<weights sha256>/``."""
+    sha = handle.info.setdefault("weights_sha256", weights_hash(handle.with_backend("hf").hf_model))
+    return cache_dir() / "adapters" / sha
+
+
+def cached_adapter(handle, progress: bool = True, retrain: bool = False) -> ModelHandle:
+    """The adapted handle of ``handle``'s exact weights: read from :func:`cached_adapter_dir`, or trained on first
+    use (:data:`CACHE_RECIPE`) and written there as one folder commit (two processes training at once wait on one
+    lock). A damaged cached adapter is trained again, with a warning, never loaded."""
+    from .decider import EntropyDecider, prose_chunks
+
+    folder = cached_adapter_dir(handle)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".train.lock"):
+        if (folder / CONFIG_FILE).is_file() and not retrain:
+            try:
+                return load_adapter(handle, folder)
+            except (DamagedFileError, AdapterMismatchError) as exc:
+                warnings.warn(f"the cached adapter could not be used ({exc}); training it again", stacklevel=2)
+        r = CACHE_RECIPE
+        adapted, history = train_adapter(handle, prose_chunks(handle, "train", r["chunks"], r["seq_len"]),
+                                         EntropyDecider(r["entropy_threshold"]), AdapterConfig(steps=r["steps"]),
+                                         progress=progress)
+        save_adapter(adapted, folder, history, overwrite=True)
     return adapted

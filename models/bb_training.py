@@ -1,5 +1,7 @@
-"""Training Bigram-Backcopy models: AdamW or SGD with momentum, fresh samples every step, full next-token
-cross-entropy.
+"""Training Bigram-Backcopy models: AdamW or SGD with momentum, fresh samples every step (drawn
+:data:`PREFETCH` batches at a time, the same stream as one ``gen.sample`` per step), full next-token cross-entropy.
+The step itself is a plain transformers forward / backward / optimizer step; ``hiddenlens bench bb`` times it
+beside a minimal plain-PyTorch model of the same architecture (docs/performance.md).
 
 Every ``eval_every`` steps (and at the last step) ``evaluate(model, tokenizer, generator) -> dict`` adds a
 row to the history. The default, :func:`loss_evaluator`, records the losses on trigger queries (backcopy targets)
@@ -63,6 +65,31 @@ def loss_evaluator(n_seqs: int = 256, seed: int = 12345) -> Evaluator:
     return evaluate
 
 
+def sample_batches(gen: BBGenerator, batch: int, k: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """``k`` batches ``[batch, seq_length + 1]``, equal to ``k`` calls of ``gen.sample(batch, generator)`` (the same
+    random draws in the same order, tested) but with one python loop over positions for all of them: the
+    per-step sampling loop was about a tenth of a training step."""
+    n = gen.seq_length + 1
+    us, firsts = [], []
+    for _ in range(k):  # the draws of gen.sample, call by call
+        us.append(torch.rand(n, batch, 1, generator=generator, dtype=torch.float64))
+        firsts.append(torch.multinomial(gen._first.expand(batch, -1), 1, generator=generator)[:, 0])
+    u = torch.cat(us, 1)
+    x = torch.empty(batch * k, n, dtype=torch.long)
+    x[:, 0] = gen.bos_id
+    x[:, 1] = torch.cat(firsts)
+    last = gen.stats.n_chars - 1
+    for t in range(2, n):
+        prev = x[:, t - 1]
+        bigram = torch.searchsorted(gen._cdf[prev], u[t], right=True)[:, 0].clamp_max(last)
+        x[:, t] = torch.where(gen._is_trigger[prev], x[:, t - 2], bigram)
+    return list(x.split(batch))
+
+
+#: training batches drawn per call of :func:`sample_batches`
+PREFETCH = 50
+
+
 def _optimizer(cfg: BBConfig, params):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -121,8 +148,11 @@ def _train(cfg: BBConfig, out_dir: Path | None, stats: BBStatistics | None, eval
         steps = tqdm(steps, desc=f"BB {cfg.attention}/{cfg.optimizer} L{cfg.n_layers} seed {cfg.seed}", unit="step")
     model.train()
     checkpoint(0)
+    ready: list[torch.Tensor] = []
     for step in steps:
-        x = gen.sample(cfg.batch_size, data_rng)
+        if not ready:
+            ready = sample_batches(gen, cfg.batch_size, min(PREFETCH, cfg.steps - step + 1), data_rng)[::-1]
+        x = ready.pop()
         inp = x[:, :-1]
         logits = model(input_ids=inp, attention_mask=torch.ones_like(inp), use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))

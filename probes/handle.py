@@ -87,6 +87,34 @@ class GenerationOutput:
         return self.sequences[:, self.prompt_length:]
 
 
+@dataclass(frozen=True)
+class PrefixCache:
+    """The KV cache of a prompt prefix that many prompts share (few-shot examples, a system prompt), made by
+    :meth:`ModelHandle.prefix_cache` and passed to ``generate(..., prefix=...)``: ``ids`` (the prefix tokens) and
+    ``past`` (a transformers ``Cache`` of batch 1, never mutated: each batch gets its own expanded copy)."""
+
+    ids: tuple[int, ...]
+    past: object
+
+    def expanded(self, batch: int):
+        """A fresh copy of ``past`` for ``batch`` rows (``[batch, kv_heads, len(ids), head_dim]`` per layer)."""
+        import copy
+
+        past = copy.deepcopy(self.past)
+        past.batch_repeat_interleave(batch)
+        return past
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix of every row in ``rows``, cut so each row keeps at least one token after it."""
+    rows = [list(r) for r in rows]
+    n = min(len(r) for r in rows) - 1
+    for i in range(max(n, 0)):
+        if any(r[i] != rows[0][i] for r in rows):
+            return rows[0][:i]
+    return rows[0][:max(n, 0)]
+
+
 class ModelHandle:
     """A loaded model: ``.hf_model`` (the transformers model underneath), ``.backend`` (the backend object that
     runs it: ``.backend.name`` is ``hf`` | ``transformer_lens`` | ``nnsight``), ``.model`` (the torch module the
@@ -285,17 +313,33 @@ class ModelHandle:
 
     def generate(self, prompts: Prompts, max_new_tokens: int = 32, do_sample: bool = False,
                  add_bos: bool | None = None, batch_size: int | None = None, output_scores: bool = False,
-                 streamer=None, **kwargs) -> GenerationOutput:
-        """Generate with the KV cache (greedy by default). Prompts are left-padded; returns all sequences."""
+                 streamer=None, prefix: PrefixCache | None = None, **kwargs) -> GenerationOutput:
+        """Generate with the KV cache (greedy by default). Prompts are left-padded; returns all sequences.
+
+        ``prefix`` (from :meth:`prefix_cache`; hf backend): every prompt starts with ``prefix.ids``, whose KV cache
+        is reused instead of recomputed; each batch runs ``[prefix][padding][rest of the prompt]`` with the
+        padding masked, so positions and outputs equal the plain path within float error (tested). Open captures
+        see the forwards after the prefix (absolute positions stay right); open edits are refused, since they
+        could not reach the prefix.
+        """
         if not _is_positive_int(max_new_tokens):
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: generate at least one token")
+        batches = list(self._batches(prompts, batch_size, add_bos, sort_by_length=False, new_tokens=max_new_tokens))
+        if prefix is not None:
+            self._check_prefix(prefix, batches)
         results = []
-        for rows, batch in self._batches(prompts, batch_size, add_bos, sort_by_length=False,
-                                         new_tokens=max_new_tokens):
+        for rows, batch in batches:
             for b in context.open_blocks(self):
                 b.set_rows(rows)
-            seqs, scores = self.backend.generate(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                                 output_scores=output_scores, streamer=streamer, **kwargs)
+            if prefix is None:
+                seqs, scores = self.backend.generate(batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                     output_scores=output_scores, streamer=streamer, **kwargs)
+            else:
+                split = _prefix_batch(batch, prefix, self.tokenizer.pad_token_id)
+                seqs, scores = self.backend.generate(split, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                     output_scores=output_scores, streamer=streamer,
+                                                     cache=prefix.expanded(len(rows)), **kwargs)
+                seqs = torch.cat([batch.input_ids, seqs[:, batch.input_ids.shape[1]:]], 1)
             plen = batch.input_ids.shape[1]
             new = seqs[:, plen:]
             mask = torch.cat([batch.attention_mask, torch.ones_like(new)], 1)
@@ -311,6 +355,42 @@ class ModelHandle:
                            for r in results])
         plen = width - max_new_tokens
         return GenerationOutput(seqs, plen, [t for r in results for t in r.texts], masks)
+
+    @torch.no_grad()
+    def prefix_cache(self, ids: Sequence[int]) -> PrefixCache:
+        """One forward over the prefix ``ids`` (batch 1, no open blocks) -> its KV cache, for
+        ``generate(..., prefix=...)``. hf backend only."""
+        if self.backend.name != "hf":
+            raise ValueError(f"prefix reuse needs the hf backend (this handle runs {self.backend.name!r}); use "
+                             "handle.with_backend('hf')")
+        if context.open_blocks(self):
+            raise ValueError("build the prefix cache before entering capture / edit blocks (it would be recorded "
+                             "as a forward of theirs)")
+        ids = _id_row(ids)
+        if not ids:
+            raise ValueError("the prefix is empty: pass at least one token id")
+        self._check_ids([ids])
+        out = self.hf_model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+        return PrefixCache(tuple(ids), out.cache)
+
+    def _check_prefix(self, prefix: PrefixCache, batches) -> None:
+        """Refuse a prefix the prompts do not start with, another backend, and open edits (see ``generate``)."""
+        from .edit import Edit
+
+        if self.backend.name != "hf":
+            raise ValueError(f"generate(prefix=...) needs the hf backend (this handle runs {self.backend.name!r})")
+        if any(isinstance(b, Edit) for b in context.open_blocks(self)):
+            raise ValueError("generate(prefix=...) inside hl.edit: the edit could not reach the cached prefix; "
+                             "generate without prefix=")
+        n = len(prefix.ids)
+        want = torch.tensor(prefix.ids, device=self.device)
+        for rows, batch in batches:
+            for j, (ids, mask) in enumerate(zip(batch.input_ids, batch.attention_mask)):
+                real = ids[mask.bool()]
+                if len(real) <= n or not torch.equal(real[:n], want):
+                    raise ValueError(f"prompt {rows[j]} does not start with the prefix's {n} tokens followed by at "
+                                     "least one more; build the prefix from the prompts' common start "
+                                     "(hiddenlens.probes.handle.common_prefix)")
 
     def with_attention(self, implementation: str) -> "ModelHandle":
         """A new ``hf`` handle over the SAME weight tensors (no copy, no reload) whose model runs
@@ -335,6 +415,21 @@ class ModelHandle:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _prefix_batch(batch: Batch, prefix: PrefixCache, pad_id: int) -> Batch:
+    """``batch`` (left-padded full prompts, each starting with ``prefix.ids``) rearranged as ``[prefix][padding]
+    [rest]`` with the same width, so the cached prefix covers columns ``0..len(prefix)-1`` of every row."""
+    n, width = len(prefix.ids), batch.input_ids.shape[1]
+    ids = torch.full_like(batch.input_ids, pad_id)
+    mask = torch.zeros_like(batch.attention_mask)
+    ids[:, :n] = torch.tensor(prefix.ids, device=ids.device)
+    mask[:, :n] = 1
+    for j, length in enumerate(batch.lengths.tolist()):
+        rest = length - n
+        ids[j, width - rest:] = batch.input_ids[j, width - rest:]
+        mask[j, width - rest:] = 1
+    return Batch(ids, mask)
 
 
 def _is_positive_int(value) -> bool:

@@ -47,6 +47,16 @@ BLOCK_SITES = (
 )
 #: Sites whose tensors are laid out ``[batch, head, pos, ...]``.
 HEAD_SITES = frozenset({"attn.q", "attn.k", "attn.v", "attn.z", "attn.scores", "attn.pattern"})
+#: The axes of each site kind's captured tensor (the table above as code): size names are keys of the architecture
+#: adapter's ``describe()``; ``batch``, ``pos``, ``q`` (query positions) and ``k`` (key positions) depend on the input.
+SITE_AXES = {"embed": ("batch", "pos", "d_model"), "resid_pre": ("batch", "pos", "d_model"),
+             "attn.q": ("batch", "n_heads", "pos", "head_dim"), "attn.k": ("batch", "n_kv_heads", "pos", "head_dim"),
+             "attn.v": ("batch", "n_kv_heads", "pos", "head_dim"), "attn.z": ("batch", "n_heads", "pos", "head_dim"),
+             "attn.scores": ("batch", "n_heads", "q", "k"), "attn.pattern": ("batch", "n_heads", "q", "k"),
+             "attn.out": ("batch", "pos", "d_model"), "resid_mid": ("batch", "pos", "d_model"),
+             "mlp.pre": ("batch", "pos", "d_mlp"), "mlp.post": ("batch", "pos", "d_mlp"),
+             "mlp.out": ("batch", "pos", "d_model"), "resid_post": ("batch", "pos", "d_model"),
+             "final_norm": ("batch", "pos", "d_model"), "logits": ("batch", "pos", "d_vocab")}
 #: Sites that need the (per-layer) eager attention path.
 ATTENTION_WEIGHT_SITES = frozenset({"attn.scores", "attn.pattern"})
 

@@ -24,6 +24,10 @@ STUDIES = {
     "iteration": "hiddenlens.studies.iteration",
     "applicability": "hiddenlens.studies.applicability",
     "patching": "hiddenlens.studies.patching",
+    "truthprint": "hiddenlens.studies.truthprint",
+    "tuned_lens": "hiddenlens.studies.tuned_lens",
+    "reproduce": "hiddenlens.studies.reproduce",
+    "view": "hiddenlens.studies.view",
 }
 
 

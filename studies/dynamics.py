@@ -23,7 +23,7 @@ from hiddenlens.analyses.tuned_lens import TunedLens
 from hiddenlens.common.stats import markdown_table
 from hiddenlens.models.tiny import offline_prose
 
-from .report import ModelSpec, StudyResult
+from .report import PREPEND_BOS, ModelSpec, StudyResult
 
 STUDY = "dynamics"
 
@@ -48,7 +48,8 @@ def prompt_set(prompts_file: str | Path | None, n_prompts: int, chars: int, skip
 class DynamicsConfig(ModelSpec):
     """``checkpoints`` run after ``model``; prompts from ``prompts_file`` or ``n_prompts`` chunks of ``chars``
     characters of offline prose; an optional tuned ``lens`` (.safetensors); ``belief`` adds belief-state R^2;
-    ``example`` / ``target``: the prompt and token of the per-position lens table."""
+    ``example`` / ``target``: the prompt and token of the per-position lens table; ``add_bos``: prepend the
+    tokenizer's BOS to every prompt (the one convention, :data:`~hiddenlens.studies.report.PREPEND_BOS`)."""
 
     checkpoints: list[str] = field(default_factory=list)
     prompts_file: str | None = None
@@ -59,6 +60,7 @@ class DynamicsConfig(ModelSpec):
     belief: bool = True
     example: str = "The capital of France is"
     target: str = " Paris"
+    add_bos: bool = PREPEND_BOS
 
 
 @dataclass
@@ -98,15 +100,16 @@ def measure_checkpoint(config: DynamicsConfig, prompts: list[str], strict_lens: 
     (used as it is and left loaded); any other spec is loaded here and unloaded at the end."""
     with config.opened(spec, given) as h:
         tl = TunedLens.load(config.lens, h, check_weights=strict_lens) if config.lens else None
-        df = dynamics_summary(h, prompts, config.batch_size, lens=tl)
+        df = dynamics_summary(h, prompts, config.batch_size, lens=tl, add_bos=config.add_bos)
         if config.belief:
-            bel = belief_state_predictability(h, prompts, batch_size=config.batch_size)
+            bel = belief_state_predictability(h, prompts, batch_size=config.batch_size, add_bos=config.add_bos)
             df = df.merge(bel.rename(columns={"r2": "belief_r2", "cosine": "belief_cosine"})
                           [["layer", "belief_r2", "belief_cosine"]], on="layer", how="left")
-        traj = residual_trajectory(h, prompts[: config.batch_size], logits=False)
+        traj = residual_trajectory(h, prompts[: config.batch_size], add_bos=config.add_bos, logits=False)
         norms = traj.hidden.norm(dim=-1)[:, traj.attention_mask.bool()]
         return {"dynamics": df,
-                "example_lens": logit_lens(h, config.example, target=config.target, lens=tl).assign(model=h.spec),
+                "example_lens": logit_lens(h, config.example, target=config.target, lens=tl,
+                                           add_bos=config.add_bos).assign(model=h.spec),
                 "shares": dynamics_shares(token_dynamics(norms)) | {"model": h.spec}}
 
 
@@ -132,6 +135,6 @@ def run(config: DynamicsConfig, handle=None, progress: bool = True, ray: str | N
     ex = pd.concat([p["example_lens"].assign(checkpoint=lab) for p, lab in zip(parts, labels)], ignore_index=True)
     share_df = pd.DataFrame([p["shares"] for p in parts]).assign(checkpoint=labels)
     summary = {"checkpoints": specs, "n_prompts": len(prompts), "lens": str(config.lens) if config.lens else "logit",
-               "lens_weights_checked": bool(config.lens) and strict_lens,
+               "lens_weights_checked": bool(config.lens) and strict_lens, "add_bos": config.add_bos,
                "token_dynamics": share_df.to_dict(orient="records")}
     return Result(config, summary, {"dynamics": table, "example_lens": ex, "token_dynamics": share_df})

@@ -32,20 +32,24 @@ STUDY = "intention"
 @dataclass
 class IntentionConfig(ModelSpec):
     """``n`` problems (seeded by ``seed``; ``gsm8k`` uses GSM8K instead, which needs the hub), the ``regimes``,
-    ``shots`` worked examples, intention-state ``layers`` (block indices or a spec; None: the last 5),
-    per-regime ``max_new_tokens`` overrides, ``post_collapse`` (the v1 variant), ``checkpoints`` run after
-    ``model`` (dirs, hub ids, ``id@rev``), ``n_boot`` bootstrap resamples with ``boot_seed``, and ``notes`` for the
-    report."""
+    ``shots`` worked examples (``babble_shots``: ``none`` keeps babble zero-shot, ``varied`` gives it as many
+    examples with a babble reply drawn per item; see :func:`~hiddenlens.analyses.regimes.run_regimes`),
+    ``reuse_prefix`` (the shared prompt start's KV cache computed once per regime), intention-state ``layers``
+    (block indices or a spec; None: the last 5), per-regime ``max_new_tokens`` overrides, ``post_collapse`` (the
+    v1 variant), ``checkpoints`` run after ``model`` (dirs, hub ids, ``id@rev``), ``n_boot`` bootstrap resamples
+    with ``boot_seed``, and ``notes`` for the report."""
 
     checkpoints: list[str] = field(default_factory=list)
     n: int = 200
     seed: int = 0
     regimes: list[str] = field(default_factory=lambda: list(REGIMES))
     shots: int = 0
+    babble_shots: str = "none"
     layers: list[int] | str | None = None
     batch_size: int = 8
     max_new_tokens: dict[str, int] = field(default_factory=dict)
     post_collapse: bool = False
+    reuse_prefix: bool = True
     gsm8k: bool = False
     n_boot: int = 1000
     boot_seed: int = 42
@@ -166,7 +170,7 @@ def _regimes_of(config: IntentionConfig, problems: list, given: dict, per_regime
         return run_regimes(h, problems, regimes=config.regimes, shots=config.shots, layers=layers,
                            batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                            post_collapse=config.post_collapse, n_boot=config.n_boot, seed=config.boot_seed,
-                           progress=progress,
+                           progress=progress, babble_shots=config.babble_shots, reuse_prefix=config.reuse_prefix,
                            on_regime=None if per_regime is None else partial(per_regime, label))
 
 
@@ -261,7 +265,7 @@ def _report(cfg: dict, t: dict[str, pd.DataFrame], notes: str = "", example_outp
     lines = [
         "# Intention Collapse regime experiment", "",
         f"Model `{cfg['model']}`, {cfg['n']} project-made arithmetic word problems (seeded, exact answers), "
-        f"{cfg['shots']}-shot prompts through the chat template, greedy decoding, new-token budgets "
+        f"{cfg['shots']}-shot prompts through the chat template{_babble_note(cfg)}, greedy decoding, new-token budgets "
         f"{cfg['max_new_tokens']}. Intention state: `resid_post` at the last prompt position of blocks "
         f"{cfg['layers']}. H_int: {cfg['h_int']}. Recov: {cfg['recoverability']}.", "",
         "## Ours", "", markdown_table(ours), "",
@@ -288,6 +292,15 @@ def _report(cfg: dict, t: dict[str, pd.DataFrame], notes: str = "", example_outp
             f"`{str(r.output).strip()[:160].replace('`', chr(39)).replace(chr(10), ' / ')}`"
             for r in samples.itertuples())
     return text + "\n"
+
+
+def _babble_note(cfg: dict) -> str:
+    """How the babble regime got its examples (runs before ``babble_shots`` existed used one fixed reply)."""
+    if not cfg.get("shots") or "babble" not in cfg.get("regimes", []):
+        return ""
+    mode = cfg.get("babble_shots", "fixed")
+    return {"none": " (babble zero-shot)", "varied": " (babble examples' replies drawn per item)",
+            "fixed": " (babble examples share one fixed reply)"}[mode]
 
 
 def _paired_text(cfg: dict, items: pd.DataFrame | None) -> str:

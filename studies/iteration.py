@@ -26,13 +26,15 @@ from tqdm.auto import tqdm
 
 from hiddenlens.analyses.iteration import summarize, token_table
 from hiddenlens.common.stats import auroc, entropy, markdown_table
-from hiddenlens.interventions.decider import EntropyDecider, MaskDecider, load_decider, prose_chunks
+from hiddenlens.interventions.decider import EntropyDecider, MaskDecider, cached_decider, load_decider, prose_chunks
 from hiddenlens.interventions.iterate import DEFAULT_TOPK, first_pass, iterate_from
-from hiddenlens.interventions.tah_adapter import load_adapter
+from hiddenlens.interventions.tah_adapter import cached_adapter, load_adapter
 
 from .report import ModelSpec, StudyResult
 
 STUDY = "iteration"
+#: ``decider`` / ``lora`` value meaning "this model's cached one, trained on first use"
+CACHED = "cached"
 TAH_REFERENCE = {"fix_rate": 0.087, "break_rate": 0.021, "share_iterated": 0.06}
 
 
@@ -117,9 +119,10 @@ def plot_iteration(summary: pd.DataFrame, tokens: pd.DataFrame):
 # ---- the study -------------------------------------------------------------------------------------------------
 @dataclass
 class IterationConfig(ModelSpec):
-    """``decider``: the folder of a trained MLP decider (``hiddenlens train-decider``; None: entropy only), its
-    ``threshold`` override; ``lora``: the folder of TaH's trained adapter (``hiddenlens train-adapter``; every
-    decider then also runs with it); ``entropy_threshold`` (nats); ``chunks`` evaluation chunks of ``seq_len`` tokens
+    """``decider``: the folder of a trained MLP decider (``hiddenlens train-decider``; ``"cached"``: this model's
+    cached one, trained on first use; None: entropy only), its ``threshold`` override; ``lora``: the folder of
+    TaH's trained adapter (``hiddenlens train-adapter``; ``"cached"`` likewise; every decider then also runs with
+    it); ``entropy_threshold`` (nats); ``chunks`` evaluation chunks of ``seq_len`` tokens
     (second half of the offline prose); ``max_iter`` passes; ``topk`` of the soft-embedding feedback."""
 
     decider: str | None = None
@@ -191,11 +194,16 @@ def result_of(config: IterationConfig, ev: IterationEval) -> Result:
 def run(config: IterationConfig, handle=None, progress: bool = True) -> Result:
     """Evaluate the entropy decider (and the MLP decider of ``config.decider``) on ``handle`` (default: its
     model), beside ``always`` and ``oracle``."""
-    deciders = {"entropy": EntropyDecider(config.entropy_threshold)}
-    if config.decider:
-        deciders["mlp"] = load_decider(config.decider, config.threshold)
     handle = handle if handle is not None else config.load()
-    lora = load_adapter(handle, config.lora) if config.lora else None
+    deciders = {"entropy": EntropyDecider(config.entropy_threshold)}
+    if config.decider == CACHED:
+        deciders["mlp"] = cached_decider(handle, config.threshold, progress)
+    elif config.decider:
+        deciders["mlp"] = load_decider(config.decider, config.threshold)
+    if config.lora == CACHED:
+        lora = cached_adapter(handle, progress)
+    else:
+        lora = load_adapter(handle, config.lora) if config.lora else None
     ev = evaluate_iteration(handle, prose_chunks(handle, "eval", config.chunks, config.seq_len), deciders,
                             max_iter=config.max_iter, k=config.topk, progress=progress, lora=lora)
     return result_of(config, ev)

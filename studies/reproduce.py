@@ -211,6 +211,36 @@ def _truthprint_steering(res) -> Estimate:
     return Estimate(float(row["net"]), float(row["net_ci_low"]), float(row["net_ci_high"]))
 
 
+def _lens_worst_layer(res) -> Estimate:
+    """KL gain of the tuned over the logit lens (nats) at its worst depth, with that depth's bootstrap interval
+    (over prompts)."""
+    table = res.tables["kl_by_layer"]
+    worst = table.loc[table["gain"].idxmin()]
+    return Estimate(float(worst["gain"]), float(worst["gain_lo"]), float(worst["gain_hi"]),
+                    f"95% bootstrap CI at the worst depth ({worst['site']})")
+
+
+def _lens_early_minus_late(res) -> Estimate:
+    """Per prompt: mean KL gain over the first third of the blocks minus over the last third (nats; the embedding
+    row left out: its gain is the unembedding of raw token embeddings, not an early layer's); bootstrap over
+    prompts."""
+    p = res.tables["per_prompt"]
+    p = p[p["site"].str.startswith("blocks.")].assign(layer=lambda d: d["site"].str.split(".").str[1].astype(int),
+                                                       gain=lambda d: d["kl_logit"] - d["kl_tuned"])
+    n = p["layer"].max() + 1
+    early = p[p["layer"] < n / 3].groupby("prompt")["gain"].mean()
+    late = p[p["layer"] >= n - n / 3].groupby("prompt")["gain"].mean()
+    return Estimate.of_mean((early - late).dropna())
+
+
+def _steering_net(method: str):
+    def measure(res) -> Estimate:
+        """Net change (fixes - breaks, share of test items) of ``method`` at its validation-chosen setting."""
+        row = res.tables["methods"].set_index("method").loc[method]
+        return Estimate(float(row["net"]), float(row["net_lo"]), float(row["net_hi"]))
+    return measure
+
+
 def _attribution_r(res) -> Estimate:
     """Pearson r of attribution vs activation patching over cells, with a Fisher-z 95 % interval (cells are not
     independent: the interval is optimistic)."""
@@ -225,6 +255,7 @@ def _attribution_r(res) -> Estimate:
 
 GUO = "Active-Dormant Attention Heads (arXiv 2410.13835)"
 TRUTHPRINT = "TruthPrInt (arXiv 2503.10602)"
+BELROSE = "Eliciting Latent Predictions from Transformers with the Tuned Lens (arXiv 2303.08112)"
 CLAIMS: list[Claim] = [
     Claim(GUO, "Bigram-Backcopy: at non-trigger tokens the head is dormant (attention on BOS > 0.5)",
           "attention mass on BOS near 1 (qualitative)", "bigram_backcopy",
@@ -245,6 +276,11 @@ CLAIMS: list[Claim] = [
     Claim("Massive Activations in Large Language Models (arXiv 2402.17762)",
           "The first token's residual norm is orders of magnitude above the rest (ratio > 10)",
           "massive activations, orders of magnitude (qualitative)", "sinks", _massive, 10.0, +1),
+    Claim(BELROSE, "The tuned lens is closer to the final distribution than the logit lens at every depth (KL "
+          "gain, nats, worst depth)", "lower KL at every layer (Fig. 2, several models)", "tuned_lens",
+          _lens_worst_layer, 0.0, +1),
+    Claim(BELROSE, "The tuned lens gains most in early layers (gain in the first third of blocks minus the last "
+          "third, nats)", "largest gap in early layers (qualitative)", "tuned_lens", _lens_early_minus_late, 0.0, +1),
     Claim(GUO, "Some heads are dormant on one domain and active on another (prose vs code)",
           "active-dormant switching heads exist (qualitative)", "sinks", _switching, 0.0, +1),
     Claim("Intention Collapse (arXiv 2601.01011)", "CoT lowers intention entropy H_int vs direct (bits, paired)",
@@ -254,6 +290,12 @@ CLAIMS: list[Claim] = [
     Claim("The Geometry of Truth (arXiv 2310.06824)", "Truth is linearly decodable: held-out AUROC of the mass-mean "
           "direction at the layer chosen on validation", "linear separability (qualitative)", "truth",
           _truth_auroc, 0.5, +1),
+    Claim("Inference-Time Intervention (arXiv 2306.03341)", "Shifting the top-K truthful heads makes answers more "
+          "truthful: net fixes on held-out facts and misconceptions (K, alpha chosen on validation)",
+          "TruthfulQA truthfulness 32.5 % -> 65.1 % (Alpaca)", "steering", _steering_net("iti"), 0.0, +1),
+    Claim("Steering Llama 2 via Contrastive Activation Addition (arXiv 2312.06681)", "Adding the contrastive A/B "
+          "vector makes answers more truthful: net fixes on held-out items (layer, alpha chosen on validation)",
+          "behaviour shifts in the steered direction (qualitative)", "steering", _steering_net("caa"), 0.0, +1),
     Claim(TRUTHPRINT, "Hidden states flag hallucinated answer tokens: detection AUROC of the model's own first "
           "answer token (layer chosen on val)", "high-specificity per-token indicators (qualitative)", "truthprint",
           _truthprint_detection, 0.5, +1),
@@ -282,10 +324,11 @@ def claim_null(claim: Claim, res: StudyResult) -> float:
 # ---- which studies run, and how big --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
-    """A study in the reproduction: its module and its config overrides in quick and full runs."""
+    """A study in the reproduction: its module and its config overrides in quick and full runs (``quick=None``:
+    not in a quick run unless named, e.g. a study that trains on first use)."""
 
     module: str
-    quick: dict
+    quick: dict | None
     full: dict
     uses_model: bool = True
 
@@ -295,25 +338,31 @@ PLANS: dict[str, Plan] = {
                             {"seeds": [0, 1], "steps": 1000, "eval_every": 100}, uses_model=False),
     "sinks": Plan("sinks", {"n_prompts": 8, "n_tokens": 64, "causal_heads": 2, "causal_prompts": 4, "eval_seqs": 64},
                   {}),
+    "tuned_lens": Plan("tuned_lens", None, {}),
     "intention": Plan("intention", {"n": 40, "shots": 2}, {"n": 200, "shots": 2}),
     "truth": Plan("truth", {"transfer": []}, {}),
+    "steering": Plan("steering", {"families": ["misconception"], "alphas": [4.0], "k_heads": [16], "n_random": 20,
+                                  "n_boot": 200}, {}),
     "truthprint": Plan("truthprint", {"families": ["capital", "continent"], "limit": 12, "alphas": [4.0]}, {}),
     "leakage": Plan("leakage", {"limit": 8, "samples": 2}, {}),
-    "iteration": Plan("iteration", {"chunks": 4}, {}),
+    "iteration": Plan("iteration", {"chunks": 4}, {"decider": "cached", "lora": "cached"}),
     "patching": Plan("patching", {}, {}),
 }
 
 
 @dataclass
 class ReproduceConfig(ModelSpec):
-    """``quick``: the small configuration; ``studies``: which to run (default: all of :data:`PLANS`);
+    """``quick``: the small configuration; ``studies``: which to run (default: all of :data:`PLANS`, in a quick
+    run those with a quick plan);
     ``overrides``: per-study config overrides applied last (e.g. ``{"bigram_backcopy": {"steps": 20}}``)."""
 
     quick: bool = False
-    studies: list[str] = field(default_factory=lambda: list(PLANS))
+    studies: list[str] | None = None
     overrides: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.studies is None:
+            self.studies = [n for n, p in PLANS.items() if not self.quick or p.quick is not None]
         unknown = sorted(set(self.studies) - set(PLANS)) + sorted(set(self.overrides) - set(PLANS))
         if unknown:
             raise ValueError(f"unknown studies {unknown}; choose from {', '.join(PLANS)}")
@@ -330,7 +379,8 @@ def study_config(config: ReproduceConfig, name: str):
     base = cls()
     if plan.uses_model:
         base = replace(base, model=config.model, backend=config.backend, device=config.device, dtype=config.dtype)
-    return replace(base, **{**(plan.quick if config.quick else plan.full), **config.overrides.get(name, {})})
+    sizes = (plan.quick or {}) if config.quick else plan.full
+    return replace(base, **{**sizes, **config.overrides.get(name, {})})
 
 
 @dataclass
@@ -395,7 +445,7 @@ def claims_figure(claims: pd.DataFrame):
     eff = direction * (claims["value"] - claims["null"]).to_numpy()
     ends = np.sort(np.stack([direction * (claims["low"] - claims["null"]),
                              direction * (claims["high"] - claims["null"])]), axis=0)
-    fig, ax = plt.subplots(figsize=(8, 0.42 * len(claims) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(claims) + 1.4))
     y = np.arange(len(claims))[::-1]
     for yi, e, lo, hi, v in zip(y, eff, ends[0], ends[1], claims["verdict"]):
         colour = VERDICT_COLOURS[v]
@@ -410,7 +460,8 @@ def claims_figure(claims: pd.DataFrame):
     ax.set_xlabel("effect in the paper's direction (claim units; > 0: the paper's side)")
     for v, colour in VERDICT_COLOURS.items():
         ax.plot([], [], "o", color=colour, label=v)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(-0.7, len(claims) - 0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

@@ -26,7 +26,7 @@ from hiddenlens.models.bb_model import KIND, checkpoint_step, list_checkpoints
 from hiddenlens.models.bb_task import BBGenerator, text_statistics
 from hiddenlens.models.loading import MARKER
 
-from .report import ModelSpec, StudyResult
+from .report import PREPEND_BOS, ModelSpec, StudyResult
 
 STUDY = "sinks"
 CAUSAL_COLUMNS = ["domain", "layer", "head", "dormancy", "attends_sink", "delta_ce_zero", "delta_ce_bos", "dormant"]
@@ -38,7 +38,9 @@ class SinksConfig(ModelSpec):
     tokens); ``causal_heads`` per group to ablate on ``causal_prompts`` prompts per domain; ``tau`` the dormancy
     threshold, ``eps`` the |delta CE| (nats) under which an intervention changes little. With ``checkpoints`` (a
     folder of checkpoints) the study measures every checkpoint instead (``eval_seqs`` BB sequences, or
-    ``n_prompts`` prose passages of ``n_tokens`` tokens for other models)."""
+    ``n_prompts`` prose passages of ``n_tokens`` tokens for other models). ``add_bos``: prepend the tokenizer's BOS
+    so position 0 is a fixed token (the one convention, :data:`~hiddenlens.studies.report.PREPEND_BOS`; the
+    Bigram-Backcopy checkpoints carry their own BOS)."""
 
     dtype: str = "float32"
     checkpoints: str | None = None
@@ -51,6 +53,7 @@ class SinksConfig(ModelSpec):
     tau: float = sinks.TAU
     eps: float = sinks.EPS_CE
     eval_seqs: int = 256
+    add_bos: bool = PREPEND_BOS
 
 
 @dataclass
@@ -89,7 +92,8 @@ class Result(StudyResult):
         settings = s.get("domains", {})
         lines = [f"# Attention sinks and active-dormant heads: {s.get('model', '')}", "",
                  "Domains: " + ", ".join(f"{n} ({settings.get(n, {}).get('n_prompts', '?')} prompts, up to "
-                                         f"{settings.get(n, {}).get('tokens_per_prompt_max', '?')} tokens, BOS first)"
+                                         f"{settings.get(n, {}).get('tokens_per_prompt_max', '?')} tokens, "
+                                         f"{'BOS first' if settings.get(n, {}).get('add_bos', True) else 'no BOS'})"
                                          for n in names) + ".",
                  f"Dormancy = mean attention of queries i >= 1 to position 0; attends the sink when > {s['tau']} "
                  f"(INFERRED threshold). Dormant = attends the sink and |delta CE| < {s['eps']} nats for both "
@@ -148,8 +152,8 @@ def _model(c: SinksConfig, handle, progress: bool) -> Result:
     ``causal_prompts`` prompts of the domain where the head is less dormant)."""
     domains = c.domains if c.domains is not None else sinks.default_domains(handle, c.n_prompts, c.n_tokens)
     names = list(domains)
-    res = {n: sinks.sink_analysis(handle, p, add_bos=True, max_tokens=c.n_tokens, batch_size=c.batch_size, tau=c.tau,
-                                  progress=progress) for n, p in domains.items()}
+    res = {n: sinks.sink_analysis(handle, p, add_bos=c.add_bos, max_tokens=c.n_tokens, batch_size=c.batch_size,
+                                  tau=c.tau, progress=progress) for n, p in domains.items()}
     tables = {}
     for n, r in res.items():
         tables[f"heads_{n}"], tables[f"layers_{n}"] = r.heads, r.layers
@@ -157,8 +161,8 @@ def _model(c: SinksConfig, handle, progress: bool) -> Result:
     heads = _candidates(contrast, names, c.causal_heads)
     causal = []
     for n in names:
-        abl = sinks.head_ablation(handle, domains[n][:c.causal_prompts], heads, add_bos=True, max_tokens=c.n_tokens,
-                                  batch_size=c.batch_size, progress=progress)
+        abl = sinks.head_ablation(handle, domains[n][:c.causal_prompts], heads, add_bos=c.add_bos,
+                                  max_tokens=c.n_tokens, batch_size=c.batch_size, progress=progress)
         causal.append(sinks.classify_dormant(res[n].heads, abl, eps=c.eps).assign(domain=n))
     causal = pd.concat(causal, ignore_index=True)
     leaving = []
@@ -166,7 +170,7 @@ def _model(c: SinksConfig, handle, progress: bool) -> Result:
         row = contrast[(contrast["layer"] == layer) & (contrast["head"] == head)].iloc[0]
         active = min(names, key=lambda n: row[f"dormancy_{n}"])
         df = sinks.sink_leaving_tokens(handle, domains[active][:c.causal_prompts], layer, head,
-                                       max_tokens=c.n_tokens, batch_size=c.batch_size)
+                                       add_bos=c.add_bos, max_tokens=c.n_tokens, batch_size=c.batch_size)
         leaving.append(df.head(10).assign(layer=layer, head=head, domain=active))
     tables |= {"contrast": contrast, "causal": causal[CAUSAL_COLUMNS],
                "leaving_tokens": pd.concat(leaving, ignore_index=True)}
@@ -240,7 +244,7 @@ def _prose_rows(c: SinksConfig, progress: bool, checkpoint: str) -> list[dict]:
     ``c.n_tokens`` tokens) for the transformers checkpoint folder ``checkpoint``, its step read from its name."""
     with c.opened(checkpoint) as handle:
         ps = sinks.default_domains(handle, c.n_prompts, c.n_tokens)["prose"]
-        r = sinks.sink_analysis(handle, ps, max_tokens=c.n_tokens, progress=progress)
+        r = sinks.sink_analysis(handle, ps, add_bos=c.add_bos, max_tokens=c.n_tokens, progress=progress)
     name = Path(checkpoint).name
     step = int("".join(ch for ch in name if ch.isdigit()) or 0)
     return [{"step": step, "checkpoint": name} | lay.to_dict() for _, lay in r.layers.iterrows()]

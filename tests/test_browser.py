@@ -1,7 +1,7 @@
 """One real-browser test: ``streamlit run`` (the exact command ``hiddenlens dashboard`` uses) on a free local port,
 driven by Debian's Chromium through Playwright. Visits every page, checks its key content and that no error or
-exception is shown, clicks a head in the sink grid, and saves a 1280x900 screenshot of each page to
-docs/figures/dashboard/ (docs/dashboard.md shows them)."""
+exception is shown, clicks a head in the sink grid (a heatmap), turns the sidebar's "Prepend BOS" off and on, and
+saves a 1280x900 screenshot of each page to docs/figures/dashboard/ (docs/dashboard.md shows them)."""
 from __future__ import annotations
 
 import contextlib
@@ -75,6 +75,8 @@ def streamlit_server(runs: Path, cwd: Path):
 def wait_idle(page, timeout: float = 120_000) -> None:
     page.wait_for_timeout(200)  # let a click's rerun start before waiting for the script to finish
     page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]", timeout=timeout)
+    # a busy machine draws lazily loaded elements (metrics, tables) a moment after the script ends: skeletons first
+    page.wait_for_function("!document.querySelector('[data-testid=stSkeleton]')", timeout=30_000)
     page.wait_for_timeout(300)
 
 
@@ -112,7 +114,9 @@ def test_every_page_in_chromium(server):
             page.goto(url, wait_until="domcontentloaded")
             page.wait_for_selector("[data-testid=stSidebar]", timeout=90_000)
             check_page(page, errors, "Overview", "overview")
-            assert page.get_by_test_id("stMetricValue").first.inner_text() == "tiny-llama"
+            metrics = page.get_by_test_id("stMetricValue")
+            metrics.nth(4).wait_for(timeout=30_000)  # a busy machine draws the metrics a moment after the script ends
+            assert metrics.first.inner_text() == "tiny-llama"
             assert "Running tiny-llama on cpu" in page.get_by_test_id("stSidebar").inner_text()
             box = page.get_by_label("Prompt (shared by all pages)")
             box.fill("The capital of France is Paris. The capital of Italy is")
@@ -124,10 +128,25 @@ def test_every_page_in_chromium(server):
 
             visit(page, errors, "Attention sinks", "Attention sinks", "sinks", min_charts=3)
             grid = page.get_by_test_id("stPlotlyChart").first
-            cell = grid.locator(".scatterlayer .trace").first.locator(".point").nth(5).bounding_box()  # L1 H1
-            page.mouse.click(cell["x"] + cell["width"] / 2, cell["y"] + cell["height"] / 2)  # as a user clicks
+            assert grid.locator(".heatmaplayer").count() == 1, "the head grid is a heatmap"
+            area = grid.locator(".nsewdrag").first.bounding_box()  # the plot area: axes span -0.5 .. n - 0.5
+            n_layers = n_heads = 4  # tiny-llama
+            layer, head = 1, 2
+            page.mouse.click(area["x"] + (head + 0.85) / n_heads * area["width"],  # as a user clicks: in the
+                             area["y"] + (1 - (layer + 0.2) / n_layers) * area["height"])  # cell, off its centre
             wait_idle(page)
-            page.get_by_text("Dormancy of L1H1").wait_for(timeout=30_000)
+            page.get_by_text(f"Dormancy of L{layer}H{head}").wait_for(timeout=30_000)
+            main = page.get_by_test_id("stMain")
+            assert "Position 0 is the tokenizer's BOS" in main.inner_text()
+            bos = page.get_by_test_id("stSidebar").get_by_text("Prepend BOS")
+            bos.click()  # BOS off: position 0 becomes the prompt's first token, on this page and the others
+            wait_idle(page)
+            page.get_by_text("BOS is off in the sidebar").wait_for(timeout=30_000)
+            assert "Attention pattern L1H2" in main.inner_text()
+            bos.click()  # back on (the default) for the screenshot
+            wait_idle(page)
+            check_page(page, errors, "Attention sinks", "sinks", min_charts=3)
+            assert "Position 0 is the tokenizer's BOS" in main.inner_text()
 
             visit(page, errors, "Intention", "Intention", "intention")
             assert "H_int of the prompt" in page.get_by_test_id("stMain").inner_text()
@@ -136,7 +155,7 @@ def test_every_page_in_chromium(server):
             folder = page.get_by_label("Report folder of `hiddenlens truth directions`")
             folder.fill(str(runs / "truth"))
             folder.press("Enter")
-            page.get_by_text("Mean p_true of the new tokens (steered)").wait_for(timeout=120_000)
+            page.get_by_test_id("stMetricLabel").filter(has_text="p_true").first.wait_for(timeout=120_000)
             check_page(page, errors, "Truthful directions", "truth", min_charts=2)
 
             visit(page, errors, "Semantic leakage", "Semantic leakage", "leakage", min_charts=2)
@@ -156,9 +175,13 @@ def test_every_page_in_chromium(server):
             page.get_by_test_id("stSelectbox").filter(has_text="Runs found").click()
             page.get_by_role("option", name=str(runs / "truth-probe")).click()
             wait_idle(page)
-            page.get_by_role("tab", name="Figures (1)").click()
             wait_idle(page)
-            check_page(page, errors, "Results", "results")
+            check_page(page, errors, "Results", "results")  # the Report tab: report.md with its figure in place
             assert page.get_by_test_id("stImage").count() == 2  # the figure: in report.md and in the Figures tab
+            page.get_by_role("link", name="Overview").click()  # the folder is remembered across a page change
+            check_page(page, errors, "Overview", "overview")
+            page.get_by_role("link", name="Results").click()
+            page.get_by_text("Opened ").first.wait_for(timeout=60_000)
+            assert page.get_by_label("Results folder").input_value() == str(runs / "truth-probe")
         finally:
             browser.close()

@@ -11,15 +11,17 @@ from typer.testing import CliRunner
 
 from hiddenlens.cli import app, main
 
-TOP = {"info", "capture", "demo", "dashboard", "train-lens", "train-decider", "patch", "doctor", "analyze", "bench",
-       "bb", "truth", "steer"}
-GROUPS = {"analyze": {"intention", "dynamics", "sinks", "leakage", "iteration"},
-          "bench": {"capture", "store", "dimensionality", "steer", "gpu", "ray"}, "bb": {"train", "reproduce"},
-          "truth": {"directions"}, "steer": {"run", "eval"}}
+TOP = {"info", "capture", "demo", "dashboard", "train-lens", "train-decider", "train-adapter", "patch", "doctor",
+       "analyze", "bench", "bb", "truth", "steer", "reproduce"}
+GROUPS = {"analyze": {"intention", "dynamics", "sinks", "leakage", "iteration", "tuned-lens"},
+          "bench": {"capture", "store", "dimensionality", "steer", "gpu", "ray", "dashboard", "bb", "prefix",
+                    "sinks-ablation"},
+          "bb": {"train", "reproduce"}, "truth": {"directions", "truthprint"}, "steer": {"run", "eval"}}
 #: commands that load a model offer the shared options
 LOADERS = [["info"], ["capture"], ["demo"], ["dashboard"], ["train-lens"], ["train-decider"],
            ["analyze", "intention"], ["analyze", "dynamics"], ["analyze", "sinks"], ["analyze", "leakage"],
-           ["analyze", "iteration"], ["truth", "directions"], ["steer", "run"], ["steer", "eval"], ["patch"]]
+           ["analyze", "iteration"], ["analyze", "tuned-lens"], ["truth", "directions"], ["truth", "truthprint"],
+           ["steer", "run"], ["steer", "eval"], ["patch"], ["train-adapter"], ["reproduce"]]
 
 
 def test_every_command_is_in_the_help():

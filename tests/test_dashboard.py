@@ -60,7 +60,8 @@ def test_overview_shows_model_card_and_sites():
     assert arch.loc[0, "n_layers"] == 4 and arch.loc[0, "n_kv_heads"] == 2
     handle = modelstore.get_model(modelstore.ModelKey("tiny-llama"))
     assert list(at.dataframe[1].value["site"]) == handle.site_names()
-    assert "tiny-llama" in at.sidebar.caption[0].value and "cpu" in at.sidebar.caption[0].value
+    running = [c.value for c in at.sidebar.caption if c.value.startswith("Running")]
+    assert running and "tiny-llama" in running[0] and "cpu" in running[0]
     [download] = at.get("download_button")  # the site table comes with its CSV: every row, as shown
     assert download.proto.label == "Download CSV"
 
@@ -103,7 +104,7 @@ def test_sinks_pick_a_head_shows_its_pattern():
     at = run_page("sinks")
     no_errors(at)
     grid = plotly_specs(at)[0]["data"][0]
-    assert grid["type"] == "scatter" and grid["marker"]["symbol"] == "square"
+    assert grid["type"] == "heatmap" and np.shape(grid["z"]) == (4, 4)  # tiny-llama: 4 layers x 4 heads
     at.selectbox(key="sink_layer").set_value(2).run()
     at.selectbox(key="sink_head").set_value(3).run()
     no_errors(at)
@@ -450,11 +451,24 @@ def test_head_grid_axes_and_colour_range_are_the_data():
     from hiddenlens.dashboard import figures
 
     scores = np.arange(12, dtype=float).reshape(3, 4) / 10 + 0.25
+    scores[0, 1] = np.nan  # a head without a value is blank, not the bottom of the colour bar
     spec = figures.head_grid(scores, "t", "dormancy", selected=(1, 2)).to_plotly_json()
-    layout, marker = spec["layout"], spec["data"][0]["marker"]
+    layout, (heat, clicks) = spec["layout"], spec["data"]
+    assert heat["type"] == "heatmap" and heat["z"][2] == pytest.approx(list(scores[2]))
+    # Magma from black at the minimum; as rgb() strings, which Streamlit's theme leaves alone (it rewrites the hex
+    # colours #000001-#000040 of a figure, and Magma's black is #000004: the minimum was drawn pink)
+    assert heat["colorscale"][0] == [0.0, "rgb(0, 0, 4)"] and heat["colorscale"][-1][0] == 1.0
+    assert "#0000" not in json.dumps(spec)
+    assert list(heat["x"]) == [0, 1, 2, 3] and list(heat["y"]) == [0, 1, 2]  # integer head / layer axes
+    # the click targets: one invisible marker on each cell centre (Streamlit selects scatter points, not cells)
+    assert clicks["type"] == "scatter" and clicks["marker"]["opacity"] == 0
+    assert list(zip(clicks["y"], clicks["x"])) == [(la, h) for la in range(3) for h in range(4)]
+    assert clicks["customdata"][1] == "n/a" and clicks["customdata"][4] == "0.650"  # hover: the cell's value
     assert list(layout["yaxis"]["range"]) == [-0.5, 2.5] and list(layout["xaxis"]["range"]) == [-0.5, 3.5]
     assert layout["xaxis"]["dtick"] == 1 and layout["yaxis"]["dtick"] == 1
-    assert (marker["cmin"], marker["cmax"]) == (0.25, pytest.approx(1.35))
+    assert (heat["zmin"], heat["zmax"]) == (0.25, pytest.approx(1.35))  # the data's range: no band below its min
+    [box] = layout["shapes"]  # the selected head (layer 1, head 2) is outlined
+    assert (box["x0"], box["x1"], box["y0"], box["y1"]) == (1.5, 2.5, 0.5, 1.5)
 
 
 def test_true_and_false_share_one_colour_on_every_page(tmp_path):
@@ -516,3 +530,205 @@ def test_results_summary_is_collapsed(tmp_path):
     no_errors(at)
     summary = [e for e in at.expander if e.label == "summary.json"]
     assert summary and not summary[0].proto.expanded
+
+
+# ---- issue 13: one BOS convention, true heatmaps, full model names, site shapes, results, save as run ------------
+def _pattern_tokens(at: AppTest) -> list[str]:
+    """The key-axis tokens of the sinks page's attention pattern (labels ``i:token``, index dropped)."""
+    spec = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("Attention pattern"))
+    return [label.split(":", 1)[1] for label in spec["data"][0]["x"]]
+
+
+def test_bos_toggle_defaults_to_the_cli_convention_and_drives_the_sinks_page():
+    from hiddenlens.dashboard import ui
+    from hiddenlens.studies.report import PREPEND_BOS
+
+    at = run_page("sinks")
+    no_errors(at)
+    assert PREPEND_BOS is True and at.sidebar.toggle(key=ui.BOS_STATE).value is True
+    with_bos = _pattern_tokens(at)
+    assert with_bos[0] == "<|bos|>"  # tiny-llama's BOS is position 0
+    at.sidebar.toggle(key=ui.BOS_STATE).set_value(False).run()
+    no_errors(at)
+    assert _pattern_tokens(at) == with_bos[1:], "without BOS the prompt's own first token is position 0"
+    assert any("BOS is off" in c.value for c in at.caption)
+    at.switch_page("views/overview.py").run()  # the toggle is the sidebar's: it holds across pages
+    assert at.sidebar.toggle(key=ui.BOS_STATE).value is False
+    assert any(f"**{len(with_bos) - 1} tokens**" in c.value and "not prepended" in c.value for c in at.caption)
+
+
+def test_cli_bos_flags_default_to_the_dashboard_convention(tmp_path, capsys):
+    import inspect
+
+    from hiddenlens.cli import analyze, demo, main
+    from hiddenlens.studies import dynamics, sinks
+    from hiddenlens.studies.report import PREPEND_BOS
+
+    for command in (analyze.dynamics, analyze.sinks, demo.demo):
+        assert inspect.signature(command).parameters["add_bos"].default is PREPEND_BOS
+    assert dynamics.DynamicsConfig().add_bos is sinks.SinksConfig().add_bos is PREPEND_BOS
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "dynamics", "--model", "tiny-llama", "--n-prompts", "1", "--chars", "40", "--batch-size",
+              "1", "--no-belief", "--target", "next", "--no-bos", "--out", str(tmp_path / "dynamics")])
+    assert exc.value.code == 0
+    res = dynamics.Result.read(tmp_path / "dynamics")
+    assert res.config.add_bos is False and res.summary["add_bos"] is False
+    ex = res.tables["example_lens"]
+    assert ex.loc[ex["position"] == 0, "token"].iloc[0] == "The"  # the example prompt's own first token
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "sinks", "--model", "tiny-llama", "--n-prompts", "2", "--n-tokens", "32", "--causal-heads",
+              "1", "--causal-prompts", "2", "--no-bos", "--out", str(tmp_path / "sinks")])
+    assert exc.value.code == 0
+    res = sinks.Result.read(tmp_path / "sinks")
+    assert res.config.add_bos is False
+    assert {d["add_bos"] for d in res.summary["domains"].values()} == {False}
+    assert {d["tokens_per_prompt_max"] for d in res.summary["domains"].values()} == {31}  # the 32 less the BOS
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--model", "tiny-llama", "--prompt", "The cat", "--no-bos"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "prompt tokens: ['The'" in out and "<|bos|>" not in out
+
+
+def test_site_table_shapes_are_the_captured_shapes():
+    import hiddenlens as hl
+    from hiddenlens.dashboard import backend
+
+    key = modelstore.ModelKey("tiny-llama")
+    table = backend.site_table(key)
+    handle = modelstore.get_model(key)
+    with hl.capture(handle, list(table["site"])) as cache:
+        handle.run(["one two three"], add_bos=True)
+    n = handle.tokenize(["one two three"], add_bos=True).input_ids.shape[1]
+    sizes = {"batch": "1", "pos": str(n), "q": str(n), "k": str(n)}
+    for site, shape in zip(table["site"], table["shape"]):
+        dims = [sizes.get(d, d) for d in shape.strip("[]").split(", ")]
+        assert [int(d) for d in dims] == list(cache[site].shape), site
+    rows = table.set_index("site")
+    assert rows.loc["blocks.0.attn.pattern", "axes"] == "[batch, n_heads, q, k]"
+    assert rows.loc["blocks.0.attn.pattern", "shape"] == "[batch, 4, q, k]"
+    assert rows.loc["blocks.1.attn.k", "shape"] == "[batch, 2, pos, 16]"  # GQA: 2 KV heads of width 16
+    assert rows.loc["logits", "shape"] == "[batch, pos, 512]"
+    at = run_page()
+    shown = at.dataframe[1].value
+    assert list(shown.columns) == ["site", "layer", "kind", "axes", "shape"]
+    assert list(shown["shape"]) == list(table["shape"])
+
+
+def test_model_picker_shows_the_full_spec():
+    from hiddenlens.dashboard import sidebar
+
+    at = run_page()
+    no_errors(at)
+    assert at.sidebar.caption[0].value.startswith("Spec: `tiny-llama`")
+    embedded = modelstore.EMBEDDED_SPEC
+    assert embedded == "smollm2-135m-instruct"
+    assert len(sidebar.LABELS[embedded]) <= 24, "the picker's label fits the sidebar"
+    assert f"`{embedded}`" in sidebar.spec_caption(embedded) and f"`{embedded}`" in sidebar.PICKER_HELP
+    assert at.sidebar.selectbox(key="pick_kind").options[0] == sidebar.LABELS[embedded]
+
+
+def _png(path: Path, colour: str) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 6), colour).save(path, format="PNG")
+
+
+def test_results_report_shows_its_own_images_only_and_the_folder_is_remembered(tmp_path):
+    folder = tmp_path / "runs" / "mine"
+    folder.mkdir(parents=True)
+    _png(folder / "fig.png", "red")
+    _png(tmp_path / "runs" / "outside.png", "blue")
+    (folder / "summary.json").write_text('{"x": 1}')
+    (folder / "report.md").write_text("# My run\n\n![the figure](fig.png)\n\nfrom above: ![up](../outside.png)\n\n"
+                                      "remote: ![web](https://example.com/a.png)\n")
+    at = run_page("results")
+    at.text_input(key="res_path").input(str(folder)).run()
+    no_errors(at)
+    report_tab = at.tabs[0]
+    images = report_tab.get("image")
+    assert len(images) == 1 and images[0].proto.imgs[0].caption == "fig"  # only the folder's own PNG
+    notes = " ".join(m.value for m in report_tab.markdown)
+    assert "image not shown (not a PNG of this run folder): `../outside.png`" in notes
+    assert "remote image not loaded: `https://example.com/a.png`" in notes
+    at.switch_page("views/overview.py").run()
+    at.switch_page("views/results.py").run()
+    no_errors(at)
+    assert at.text_input(key="res_path").value == str(folder), "the folder survives a visit to another page"
+    assert any(str(folder) in s.value for s in at.success)
+
+
+def test_save_as_run_writes_study_folders_the_results_page_opens(tmp_path):
+    from hiddenlens.studies import intention, sinks
+
+    at = run_page("sinks")
+    at.toggle(key="sink_domains").set_value(True).run()
+    no_errors(at)
+    shown = at.dataframe[0].value
+    at.button(key="sink_save").click().run()
+    no_errors(at)
+    [saved] = [s.value for s in at.success if "Saved the sinks run" in s.value]
+    res = sinks.Result.read(saved.split(": ", 1)[1])
+    assert res.folder.parent == tmp_path / "runs" / "sinks" and res.config.add_bos is True
+    pd.testing.assert_frame_equal(res.tables["contrast"].reset_index(drop=True), shown.reset_index(drop=True))
+    assert {"heads_prose", "heads_code", "causal", "leaving_tokens"} <= set(res.tables)
+
+    at = run_page("intention")
+    at.radio(key="int_source").set_value("Compute live on a small set").run()
+    at.slider(key="int_n").set_value(4).run()
+    at.multiselect(key="int_regimes").set_value(["direct"]).run()
+    at.slider(key="int_budget").set_value(4).run()
+    at.toggle(key="int_run").set_value(True).run()
+    shown = at.dataframe[0].value
+    at.button(key="int_save").click().run()
+    no_errors(at)
+    [saved] = [s.value for s in at.success if "Saved the intention run" in s.value]
+    res = intention.Result.read(saved.split(": ", 1)[1])
+    assert res.config.n == 4 and res.config.regimes == ["direct"]
+    pd.testing.assert_frame_equal(res.tables["regimes"], shown, check_dtype=False)
+    at = run_page("results")
+    at.text_input(key="res_path").input(str(res.folder)).run()
+    no_errors(at)
+    assert any("`intention` run" in s.value for s in at.success)
+
+
+def test_prompt_list_switches_and_keeps_prompts():
+    at = run_page()
+    pick = at.sidebar.selectbox(key="hl_prompt_pick")
+    assert len(pick.options) == 5 and any("Eiffel" in o for o in pick.options)   # the examples
+    pick.set_value("The Eiffel Tower is in the city of").run()
+    no_errors(at)
+    assert at.sidebar.text_area(key="hl_prompt").value == "The Eiffel Tower is in the city of"
+    assert at.sidebar.selectbox(key="hl_prompt_pick").value is None          # ready for the next switch
+    at.sidebar.text_area(key="hl_prompt").input("My own prompt about cheese").run()
+    at.sidebar.button(key="hl_prompt_keep").click().run()
+    no_errors(at)
+    assert "My own prompt about cheese" in at.session_state["hl_prompts"]
+    at.switch_page("views/dynamics.py").run()                                 # the prompt follows every page
+    assert at.sidebar.text_area(key="hl_prompt").value == "My own prompt about cheese"
+
+
+def test_save_as_run_writes_steering_and_leakage_views_that_read_back(tmp_path):
+    from hiddenlens.studies import read_run
+
+    _truth_run(tmp_path / "runs" / "truth")
+    at = run_page("truth")
+    at.text_input(key="truth_path").input(str(tmp_path / "runs" / "truth")).run()
+    at.button(key="truth_save").click().run()
+    no_errors(at)
+    saved = [s.value for s in at.success if "Saved the view run" in s.value]
+    assert saved, [s.value for s in at.success]
+    back = read_run(saved[0].rsplit(": ", 1)[1])
+    assert back.config.page == "steering" and back.config.params["alpha"] == 5.0
+    shown = at.dataframe[0].value.iloc[0]
+    assert back.tables["steered"]["token"].str.cat() == shown["steered"]      # the very tokens the page shows
+    at.switch_page("views/leakage.py").run()
+    at.selectbox(key="leak_span").set_value("France").run()
+    at.button(key="leak_save").click().run()
+    no_errors(at)
+    saved = [s.value for s in at.success if "Saved the view run" in s.value]
+    back = read_run(saved[0].rsplit(": ", 1)[1])
+    bars = plotly_specs(at)[0]["data"][0]
+    assert back.config.params["span"] == "France" and len(back.tables["next_token"]) == len(bars["x"])
+    assert back.summary["kl_after_before_nats"] >= 0

@@ -110,7 +110,7 @@ def test_tuned_lens_training_lowers_held_out_kl_and_round_trips(tiny_llama, tmp_
     train = [text[i:i + 300] for i in range(0, 24_000, 300)]
     held = [text[i:i + 300] for i in range(30_000, 36_000, 300)]
     lens, history = train_tuned_lens(tiny_llama, train, steps=30, tokens_per_step=256, max_tokens=4000, lr=4.0,
-                                     progress=False)
+                                     init="zero", optimizer="sgd", progress=False)  # the paper's recipe
     assert len(history) == 30
     states, finals = collect_states(tiny_llama, held, lens.sites, max_tokens=1500, progress=False)
     before = lens_kl(tiny_llama, TunedLens.for_model(tiny_llama), states, finals)

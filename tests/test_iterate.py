@@ -11,7 +11,10 @@ import torch
 from hiddenlens.analyses.iteration import summarize
 from hiddenlens.studies.iteration import IterationConfig, Result, evaluate_iteration, result_of
 from hiddenlens.common.stats import auroc, entropy
-from hiddenlens.interventions.decider import (EntropyDecider, MaskDecider, MLPDeciderConfig, decider_dataset,
+from hiddenlens.common.errors import DamagedFileError
+from hiddenlens.interventions import decider as decider_module
+from hiddenlens.interventions.decider import (DEFAULT_SITES, EntropyDecider, MaskDecider, MLPDeciderConfig,
+                                              cached_decider, cached_decider_dir, decider_dataset, default_sites,
                                               load_decider, prose_chunks, save_decider, train_mlp_decider)
 from hiddenlens.interventions.iterate import (DeciderInput, additive_mask, coconut_loop, continuous_thoughts,
                                               duo_causal_allowed, first_pass, hidden_state_site, iterate_from,
@@ -172,6 +175,64 @@ def test_mlp_decider_learns_a_known_rule_and_round_trips(tmp_path):
         train_mlp_decider(feats, torch.zeros(n), cfg, epochs=1, progress=False)
     with pytest.raises(ValueError, match="NaN"):
         train_mlp_decider(feats * float("nan"), labels, cfg, epochs=1, progress=False)
+
+
+def test_default_sites_scale_tah_depths_to_the_model():
+    assert default_sites(30) == list(DEFAULT_SITES)  # TaH's hidden_states 2, 10, 18, 26 of 30 blocks
+    assert default_sites(4) == ["blocks.0.resid_post", "blocks.1.resid_post", "blocks.2.resid_post"]
+    assert default_sites(1) == ["blocks.0.resid_post"]
+    with pytest.raises(ValueError, match="n_layers"):
+        default_sites(0)
+
+
+@pytest.fixture
+def decider_cache(monkeypatch, tmp_path):
+    """A private user cache and a small recipe for the cached decider."""
+    monkeypatch.setenv("HIDDENLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(decider_module, "CACHE_RECIPE",
+                        dict(decider_module.CACHE_RECIPE, chunks=8, seq_len=64, epochs=2))
+    return tmp_path / "cache"
+
+
+def test_cached_decider_trains_once_per_weights_and_never_loads_a_damaged_one(tiny_llama, decider_cache,
+                                                                              monkeypatch):
+    seen = []
+    dec = cached_decider(tiny_llama, progress=lambda f, what: seen.append(f))
+    folder = cached_decider_dir(tiny_llama)
+    assert folder == decider_cache / "deciders" / tiny_llama.info["weights_sha256"]
+    assert dec.sites == default_sites(4) and dec.config.model == "tiny-llama"
+    assert dec.config.metrics["n_train"] + dec.config.metrics["n_val"] == 8 * 63  # every position with a next token
+    assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) > 5
+    train = decider_module.train_decider_for
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached decider was trained again")
+
+    monkeypatch.setattr(decider_module, "train_decider_for", no_training)
+    again = cached_decider(tiny_llama, threshold=0.9, progress=False)
+    assert again.threshold == 0.9
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), dec.state_dict().values()))
+    weights = folder / "decider.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])
+    with pytest.raises(DamagedFileError, match="damaged or truncated"):
+        load_decider(folder)
+    with pytest.raises(AssertionError, match="trained again"), pytest.warns(UserWarning, match="training it again"):
+        cached_decider(tiny_llama, progress=False)
+    monkeypatch.setattr(decider_module, "train_decider_for", train)
+    with pytest.warns(UserWarning, match="training it again"):
+        cached_decider(tiny_llama, progress=False)
+    assert weights.stat().st_size == len(good) and load_decider(folder).sites == dec.sites
+
+
+def test_train_decider_cli_writes_the_cache_by_default(tiny_llama, decider_cache):
+    from hiddenlens.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-decider", "--model", "tiny-llama", "--chunks", "8", "--seq-len", "48", "--epochs", "1"])
+    assert exit_info.value.code == 0
+    metrics = load_decider(cached_decider_dir(tiny_llama)).config.metrics
+    assert metrics["n_train"] + metrics["n_val"] == 8 * 47 and metrics["epochs"] == 1
 
 
 def test_summary_metrics_on_a_known_token_table():

@@ -64,7 +64,8 @@ def test_config_rejects_unknown_studies():
         rp.ReproduceConfig(overrides={"astrology": {}})
 
 
-def test_quick_run_on_tiny_llama_writes_one_report_with_every_study(tmp_path, tiny_llama):
+def test_quick_run_on_tiny_llama_writes_one_report_with_every_study(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setenv("HIDDENLENS_CACHE", str(tmp_path / "cache"))   # the tuned lens trains on first use
     pairs = tmp_path / "pairs.json"
     pairs.write_text(json.dumps({"pairs": [{"clean": "The capital of France is", "answer": " a", "wrong": " b",
                                             "corrupted": "The capital of Italy is"}]}))
@@ -73,7 +74,9 @@ def test_quick_run_on_tiny_llama_writes_one_report_with_every_study(tmp_path, ti
         "intention": {"n": 8, "shots": 0, "max_new_tokens": {"direct": 4, "cot": 8, "babble": 8}},
         "sinks": {"n_prompts": 4, "n_tokens": 32, "eval_seqs": 16}, "leakage": {"limit": 3},
         "iteration": {"chunks": 2, "seq_len": 32}, "patching": {"pairs": str(pairs)},
-        "truthprint": {"families": ["continent"], "limit": 4, "layers": [0, 1], "max_new_tokens": 2}})
+        "truthprint": {"families": ["continent"], "limit": 4, "layers": [0, 1], "max_new_tokens": 2},
+        "tuned_lens": {"n_prompts": 4, "chars": 120, "n_boot": 50},
+        "steering": {"methods": ["mass_mean", "caa"], "layers": [1], "n_random": 2, "n_boot": 50, "caa_items": 4}})
     res = rp.run(config, tiny_llama, progress=False)
     claims = res.tables["claims"]
     assert set(claims["study"]) == set(studies)

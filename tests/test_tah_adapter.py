@@ -97,3 +97,22 @@ def test_cli_train_adapter_then_analyze_iteration_with_it(tmp_path):
               "--seq-len", "16", "--out", str(tmp_path / "it")])
     assert exc.value.code == 0
     assert "entropy+lora" in set(study.Result.read(tmp_path / "it").tables["summary"]["decider"])
+
+
+def test_cached_adapter_trains_once_then_reads_and_retrains_a_damaged_one(tiny_llama, tmp_path, monkeypatch):
+    from hiddenlens.interventions import tah_adapter
+
+    monkeypatch.setenv("HIDDENLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tah_adapter, "CACHE_RECIPE", {"chunks": 1, "seq_len": 16, "entropy_threshold": 0.0,
+                                                      "steps": 2})
+    first = tah_adapter.cached_adapter(tiny_llama, progress=False)
+    folder = tah_adapter.cached_adapter_dir(tiny_llama)
+    assert (folder / "adapter.safetensors").is_file() and str(tmp_path) in str(folder)
+    again = tah_adapter.cached_adapter(tiny_llama, progress=False)
+    for (n, a), (_, b) in zip(first.hf_model.named_parameters(), again.hf_model.named_parameters()):
+        if "lora_" in n:
+            assert torch.equal(a, b), n
+    (folder / "adapter.safetensors").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="training it again"):
+        tah_adapter.cached_adapter(tiny_llama, progress=False)
+    assert tah_adapter.load_adapter(tiny_llama, folder) is not None

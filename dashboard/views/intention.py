@@ -8,12 +8,13 @@ st.header("Intention")
 key = ui.require_model()
 prompt = ui.prompt()
 with ui.shown_errors("H_int of the prompt"):
-    h = backend.prompt_intention(key, prompt)
+    h = backend.prompt_intention(key, prompt, add_bos=ui.add_bos())
     c1, c2 = st.columns(2)
     c1.metric("H_int of the prompt (top-100, bits)", f"{h['h_int_bits']:.3f}")
     c2.metric("H_int, full vocabulary (bits)", f"{h['h_int_full_bits']:.3f}")
     st.caption("Entropy of the next-token distribution at the last position of the prompt as typed (no chat "
-               "template); the regimes below wrap each problem in the model's chat template.")
+               f"template; BOS {'prepended' if ui.add_bos() else 'not prepended'}, sidebar); the regimes below wrap "
+               "each problem in the model's chat template.")
 
 st.subheader("Regimes: direct vs chain of thought vs babble")
 source = st.radio("Source", ["Load a run", "Compute live on a small set"], horizontal=True, key="int_source")
@@ -37,8 +38,12 @@ else:
     st.caption("Generated arithmetic problems, greedy decoding, Recov by 5-fold CV (needs both right and wrong "
                "answers). Small sets give wide intervals.")
     if regimes and st.toggle("Run", key="int_run"):
-        with ui.shown_errors("The live regime run"):
+        with ui.shown_errors("The live regime run"), st.status(
+                f"Computing live: {n} problems in each of {len(regimes)} regimes ({', '.join(regimes)}): greedy "
+                f"answers (up to {budget} new tokens), then the states' dimensionality, Recov probes and bootstrap "
+                "intervals", expanded=False) as running:
             tables = backend.live_regimes(key, n, tuple(regimes), budget, shots=int(shots))
+            running.update(label=f"Computed live: {n} problems x {len(regimes)} regimes", state="complete")
 if tables is not None:
     reg = tables["regimes"]
     if not len(reg) or ("accuracy" in reg.columns and (reg["accuracy"].fillna(0) == 0).all()):
@@ -64,3 +69,7 @@ if tables is not None:
     st.plotly_chart(figures.layer_curves(curves, "dim_eff per layer (participation ratio)", "dim_eff", layers),
                     key="int_dims")
     ui.table(reg, "intention_regimes", "int_csv")
+    if source != "Load a run":
+        # the same positional arguments as live_regimes passes: the cached study result is written, not rerun
+        ui.save_as_run(lambda: backend.live_intention(key, n, tuple(regimes), budget, 0, int(shots)), "intention",
+                       "int_save")

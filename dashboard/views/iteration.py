@@ -1,4 +1,4 @@
-"""Latent iteration (Think-at-Hard, training-free): per-token decider scores over the prompt, the iterated tokens
+"""Latent iteration (Think-at-Hard): per-token decider scores over the prompt, the iterated tokens
 highlighted, and where iteration fixed or broke the next-token prediction."""
 import streamlit as st
 
@@ -11,18 +11,30 @@ st.caption("The prompt is read teacher-forced. A decider scores every position; 
            "run again with a soft embedding of their own prediction fed back (duo-causal KV cache), and the "
            "logits add up. A *fix* is a wrong first prediction made right; a *break* the reverse.")
 c1, c2, c3 = st.columns(3)
-kind = c1.radio("Decider", ["entropy", "trained MLP"], horizontal=True, key="iter_kind")
-decider = "entropy"
+#: decider choices: entropy (training-free), this model's cached MLP decider (trained here on first use), a folder
+DECIDERS = {"entropy": "entropy", "cached MLP": "trained MLP decider (cached; trains on first use)",
+            "trained MLP": "MLP decider folder"}
+kind = c1.radio("Decider", list(DECIDERS), format_func=DECIDERS.get, key="iter_kind",
+                help="the MLP decider trained for this model is cached per model weights; the first use trains it "
+                     "(48 prose chunks of 128 tokens, 8 epochs; a progress bar shows how far it is)")
+decider, bar = "entropy", None
 if kind == "trained MLP":
     decider = c1.text_input("Decider folder (decider.safetensors + decider.json)", key="iter_folder").strip()
     if not decider:
         st.info("Give the folder of a trained decider, or use the entropy decider.")
         st.stop()
+elif kind == "cached MLP":
+    decider = backend.CACHED
+    if not backend.trained_here(key, "decider"):
+        bar = st.progress(0.0, text="Training the MLP decider for this model (once; cached)")
 threshold = c2.slider("Threshold (nats for entropy, probability for the MLP)", 0.0, 8.0 if kind == "entropy" else 1.0,
-                      2.5 if kind == "entropy" else 0.5, key=f"iter_threshold_{kind}")
+                      2.5 if kind == "entropy" else 0.5, key=f"iter_threshold_{kind.replace(' ', '_')}")
 max_iter = c3.slider("Passes (max_iter)", 2, 4, 2, key="iter_max")
 with ui.shown_errors("The iteration"):
-    table, summary = backend.iteration(key, prompt, decider, float(threshold), int(max_iter))
+    table, summary = backend.iteration(key, prompt, decider, float(threshold), int(max_iter), add_bos=ui.add_bos(),
+                                       progress=bar and (lambda f, what: bar.progress(f, text=what)))
+    if bar is not None:
+        bar.empty()
     row = summary.iloc[0]
     m = st.columns(5)
     m[0].metric("Tokens iterated", f"{row['share_iterated']:.0%}")

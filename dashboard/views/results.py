@@ -7,6 +7,8 @@ import streamlit as st
 
 from hiddenlens.dashboard import backend, modelstore, results
 
+KEPT_PATH = "res_path_kept"  # the folder last opened here, kept while other pages are shown
+
 st.header("Results")
 st.caption("Open a run folder written by a study (`hiddenlens analyze ...`, `truth directions`, `steer eval`, "
            "`bb reproduce`: summary.json, *.parquet / *.csv tables, *.png figures, report.md, study.json). Only "
@@ -19,7 +21,11 @@ if found:
                  on_change=lambda: st.session_state.update(res_path=st.session_state["res_found"] or ""))
 else:
     st.caption(f"No runs (folders with a study.json) under {root}.")
+# Streamlit drops a widget's state when its page is left: the folder is kept under another key and put back
+if "res_path" not in st.session_state:
+    st.session_state["res_path"] = st.session_state.get(KEPT_PATH, "")
 path = st.text_input("Results folder", key="res_path", placeholder=f"{root}/<study>/<name>")
+st.session_state[KEPT_PATH] = path
 if not path.strip():
     st.stop()
 try:

@@ -7,11 +7,15 @@ from hiddenlens.dashboard import attention, backend, figures, ui
 st.header("Attention sinks")
 key = ui.require_model()
 prompt = ui.prompt()
+add_bos = ui.add_bos()
+st.caption("Position 0 is the tokenizer's BOS (sidebar: Prepend BOS)." if add_bos else
+           "Position 0 is the prompt's first token: BOS is off in the sidebar, so the sink metrics measure "
+           "attention to a content token.")
 c1, c2 = st.columns(2)
 metric = c1.selectbox("Colour", list(backend.SINK_METRICS), format_func=backend.SINK_METRICS.get, key="sink_metric")
-max_tokens = c2.slider("Tokens analysed (from the start, BOS included)", 8, 256, 96, key="sink_tokens")
+max_tokens = c2.slider("Tokens analysed (from the start, BOS included when prepended)", 8, 256, 96, key="sink_tokens")
 with ui.shown_errors("The sink analysis"):
-    result = backend.sink_analysis(key, prompt, max_tokens=max_tokens)
+    result = backend.sink_analysis(key, prompt, max_tokens=max_tokens, add_bos=add_bos)
     grid = attention.head_grid(result.heads, metric)
     n_layers, n_heads = grid.shape
     if "sink_layer" not in st.session_state:  # start on the strongest sink head
@@ -36,7 +40,7 @@ with ui.shown_errors("The sink analysis"):
     m[1].metric("Sink mass (key 0)", f"{row['sink_first']:.3f}")
     m[2].metric("Value norm ratio", f"{row['value_ratio']:.2f}")
     m[3].metric("Attends to the sink", "yes" if row["attends_sink"] else "no")
-    tokens, pattern, factor = backend.head_pattern(key, prompt, layer, head, max_tokens=max_tokens)
+    tokens, pattern, factor = backend.head_pattern(key, prompt, layer, head, max_tokens=max_tokens, add_bos=add_bos)
     left, right = st.columns(2)
     left.plotly_chart(figures.pattern_heatmap(pattern, tokens, factor, f"Attention pattern L{layer}H{head}"),
                       key="sink_pattern")
@@ -51,13 +55,19 @@ with ui.shown_errors("The sink analysis"):
 
 st.subheader("Prose vs code")
 st.caption("Active-dormant heads switch between sinking on one domain and working on the other. This runs the same "
-           "metrics on offline English prose and Python source (a few short passages each).")
+           f"metrics on offline English prose and Python source ({backend.DOMAIN_PROMPTS} passages of "
+           f"{backend.DOMAIN_TOKENS} tokens each).")
 if st.toggle("Compare prose and code", key="sink_domains"):
     with ui.shown_errors("The prose vs code comparison"):
-        by_domain, contrast = backend.domain_sinks(key)
+        by_domain, contrast = backend.domain_sinks(key, add_bos=add_bos)
         cols = st.columns(len(by_domain))
         for col, (name, res) in zip(cols, by_domain.items()):
             col.plotly_chart(figures.head_grid(attention.head_grid(res.heads, "dormancy"), f"Dormancy on {name}",
                                                "dormancy"), key=f"sink_domain_{name}")
         st.markdown("Heads whose dormancy differs most between the domains:")
         ui.table(contrast, "sinks_domain_contrast", "sink_csv_contrast", height=320)
+        st.caption("Save as run: the sinks study (`hiddenlens analyze sinks`) at these settings: the grids and "
+                   "contrast above plus the causal confirmation of the top heads and the tokens that make them "
+                   "leave the sink (one run folder the Results page opens). The single-prompt view above has no "
+                   "study run of its own: the study contrasts two domains.")
+        ui.save_as_run(lambda: backend.sinks_run(key, add_bos=add_bos), "sinks", "sink_save")

@@ -8,6 +8,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from hiddenlens.analyses.checkpoints import check_ray_sweep
+from hiddenlens.studies.report import PREPEND_BOS
 
 from . import options as o
 from .options import (DEFAULT_MODEL, Backend, BatchSize, Device, Dtype, Model, Name, OptionalOut, Threads, console,
@@ -21,6 +22,10 @@ RayAddress = Annotated[Optional[str], typer.Option(
     "--ray", metavar="ADDRESS", help="one Ray task per checkpoint (needs --checkpoints and pip install "
     "'hiddenlens\\[ray]'): local (a private cluster on this machine) | auto (the cluster this machine runs) | a "
     "cluster address such as ray://host:10001; the tables are those of the serial run")]
+#: The one BOS option (``analyze dynamics``, ``analyze sinks``, ``demo``), default
+#: :data:`hiddenlens.studies.report.PREPEND_BOS` like the dashboard's "Prepend BOS" toggle.
+AddBos = Annotated[bool, typer.Option("--add-bos/--no-bos", help="prepend the tokenizer's BOS so position 0 is a fixed "
+                                      "token (the dashboard's 'Prepend BOS' toggle has the same default)")]
 #: ``analyze sinks`` options a run over ``--checkpoints`` does not use (giving one is an error, not ignored)
 SINKS_IGNORED_WITH_CHECKPOINTS = ("model", "domain", "batch_size", "causal_heads", "causal_prompts", "tau", "eps")
 
@@ -70,6 +75,9 @@ def intention(
         seed: int = typer.Option(0, help="problem-set seed"),
         regimes: str = typer.Option("direct,cot,babble", help="comma-separated: direct, cot, babble"),
         shots: int = typer.Option(0, min=0, help="worked examples before each question (few-shot)"),
+        babble_shots: str = typer.Option("none", help="babble examples: none (zero-shot babble) | varied (a "
+                                         "different written reply per example and item, never one copied text)"),
+        reuse_prefix: bool = typer.Option(True, help="compute the shared prompt start's KV cache once per regime"),
         layers: Optional[str] = typer.Option(None, help="intention-state blocks, e.g. 25-29 (default: the last 5); "
                                              + o.LAYERS_HELP),
         max_new_tokens: Optional[str] = typer.Option(None, help="per-regime budgets, e.g. direct=16,cot=96,babble=64"),
@@ -87,7 +95,8 @@ def intention(
                                    checkpoints=o.csv_list(checkpoints), n=n, seed=seed,
                                    regimes=[r.strip() for r in regimes.split(",") if r.strip()], shots=shots,
                                    layers=o.layers(layers, handle.n_layers), batch_size=batch_size,
-                                   max_new_tokens=_budgets(max_new_tokens), post_collapse=post_collapse, gsm8k=gsm8k)
+                                   max_new_tokens=_budgets(max_new_tokens), post_collapse=post_collapse, gsm8k=gsm8k,
+                                   babble_shots=babble_shots, reuse_prefix=reuse_prefix)
     if ray is not None:
         handle.unload()  # loaded here for --layers only: every Ray worker loads its own checkpoint
     try:
@@ -117,6 +126,7 @@ def dynamics(
         belief: bool = typer.Option(True, help="also belief-state predictability per layer"),
         example: str = typer.Option("The capital of France is", help="prompt for the per-position lens table"),
         target: str = typer.Option(" Paris", help="target token for the example's rank trajectory"),
+        add_bos: AddBos = PREPEND_BOS,
         ray: RayAddress = None,
 ) -> None:
     """Per-layer lens statistics, geometry, token dynamics and belief-state R^2 (streamed over prompts)."""
@@ -128,7 +138,7 @@ def dynamics(
                                   checkpoints=o.csv_list(checkpoints),
                                   prompts_file=str(prompts_file) if prompts_file else None, n_prompts=n_prompts,
                                   chars=chars, batch_size=batch_size, lens=str(lens) if lens else None,
-                                  belief=belief, example=example, target=target)
+                                  belief=belief, example=example, target=target, add_bos=add_bos)
     res = study.run(config, ray=ray)
     res.write(folder)
     console.print(res.tables["dynamics"].round(3).to_string())
@@ -145,13 +155,14 @@ def sinks(
                                                    "train --checkpoint-every`): metrics as curves over steps"),
         domain: Optional[List[str]] = typer.Option(None, help="NAME=FILE, twice (default: prose vs Python code)"),
         n_prompts: int = typer.Option(32, min=1, help="passages per default domain"),
-        n_tokens: int = typer.Option(128, min=2, help="tokens per passage (BOS included)"),
+        n_tokens: int = typer.Option(128, min=2, help="tokens per passage (BOS included when prepended)"),
         causal_heads: int = typer.Option(4, min=1, help="heads per group (most active-dormant, most dormant) to "
                                          "ablate"),
         causal_prompts: int = typer.Option(8, min=1, help="prompts per domain for the causal confirmation"),
         tau: float = typer.Option(0.8, min=0.0, max=1.0, help="dormancy threshold (INFERRED default)"),
         eps: float = typer.Option(0.01, min=0.0, help="|delta CE| (nats) under which an intervention 'changes "
                                   "little'"),
+        add_bos: AddBos = PREPEND_BOS,
         ray: RayAddress = None) -> None:
     """Attention sinks, value drains, residual peaks and active-dormant heads ("Active-Dormant Attention Heads: Mechanistically Demystifying Extreme-Token Phenomena in LLMs" (arXiv 2410.13835))."""
     from hiddenlens.studies import sinks as study
@@ -166,7 +177,8 @@ def sinks(
     config = study.SinksConfig(model=model, backend=backend, device=device, dtype=dtype,
                                checkpoints=str(checkpoints) if checkpoints else None, domains=domains,
                                n_prompts=n_prompts, n_tokens=n_tokens, batch_size=batch_size,
-                               causal_heads=causal_heads, causal_prompts=causal_prompts, tau=tau, eps=eps)
+                               causal_heads=causal_heads, causal_prompts=causal_prompts, tau=tau, eps=eps,
+                               add_bos=add_bos)
     res = study.run(config, ray=ray)
     res.write(folder)
     if res.over_checkpoints:
@@ -217,6 +229,8 @@ def iteration(
     out: OptionalOut = None, name: Name = None,
     model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
     decider: Optional[Path] = typer.Option(None, help="folder of a trained MLP decider (hiddenlens train-decider)"),
+    lora: Optional[Path] = typer.Option(None, help="folder of TaH's trained adapter (hiddenlens train-adapter): "
+                                        "every decider also runs with iterations >= 1 on it"),
     threshold: Optional[float] = typer.Option(None, help="override the MLP decider's threshold"),
     entropy_threshold: float = typer.Option(2.5, min=0.0, help="entropy decider threshold (nats)"),
     chunks: int = typer.Option(16, min=1, help="evaluation prose chunks (second half of the offline prose)"),
@@ -232,9 +246,43 @@ def iteration(
     o.set_threads(threads)
     config = study.IterationConfig(model=model, backend=backend, device=device, dtype=dtype,
                                    decider=str(decider) if decider else None, threshold=threshold,
+                                   lora=str(lora) if lora else None,
                                    entropy_threshold=entropy_threshold, chunks=chunks, seq_len=seq_len,
                                    max_iter=max_iter, topk=topk)
     res = study.run(config)
     res.write(folder)
     typer.echo(res.tables["summary"].to_string(index=False))
     typer.echo(f"report: {folder}")
+
+
+@app.command("tuned-lens")
+def tuned_lens(
+        out: OptionalOut = None, name: Name = None,
+        model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
+        batch_size: BatchSize = 8,
+        lens: Optional[Path] = typer.Option(None, help="tuned lens file (.safetensors; default: this model's cached "
+                                            "lens, trained on first use, see `hiddenlens train-lens`)"),
+        n_prompts: int = typer.Option(32, min=1, help="held-out prose chunks"),
+        chars: int = typer.Option(400, min=1, help="characters per chunk"),
+        skip: Optional[int] = typer.Option(None, min=0, help="first character of the held-out prose (default: past "
+                                           "the cached lens's training text)"),
+        add_bos: AddBos = PREPEND_BOS,
+        n_boot: int = typer.Option(1000, min=1, help="bootstrap resamples over prompts"),
+        seed: int = typer.Option(0), threads: Threads = None,
+) -> None:
+    """Per-layer KL(final || lens) of the tuned and logit lenses on held-out prose, with 95 % bootstrap intervals,
+    and whether the tuned-lens paper's claim reproduces (arXiv 2303.08112)."""
+    from hiddenlens.studies import tuned_lens as study
+
+    folder = out_folder(out, study.STUDY, name)
+    o.set_threads(threads)
+    config = study.TunedLensConfig(model=model, backend=backend, device=device, dtype=dtype,
+                                   lens=str(lens) if lens else None, n_prompts=n_prompts, chars=chars,
+                                   **({} if skip is None else {"skip": skip}), batch_size=batch_size, add_bos=add_bos,
+                                   n_boot=n_boot, seed=seed)
+    res = study.run(config, progress=True)
+    res.write(folder)
+    table = res.tables["kl_by_layer"][["site", "kl_logit", "kl_tuned", "gain", "gain_lo", "gain_hi"]]
+    console.print(table.round(3).to_string(index=False))
+    console.print(f"verdict: {res.summary['verdict']} ({res.summary['verdict_text']})")
+    console.print(f"report written to {folder}")

@@ -1,4 +1,5 @@
-"""``hiddenlens bench capture | store | dimensionality | steer | gpu | ray``: benchmarks that print a table and write JSON."""
+"""``hiddenlens bench capture | store | dimensionality | steer | gpu | ray | dashboard | bb | prefix | sinks-ablation``:
+benchmarks that print a table and write JSON."""
 from __future__ import annotations
 
 import json
@@ -91,3 +92,67 @@ def ray(model: Model = DEFAULT_MODEL, prompts: int = typer.Option(160, min=8, he
     from hiddenlens.benchmarks.ray_capture import print_table, run_ray_benchmark
 
     print_table(run_ray_benchmark(model, prompts, site, batch_size, out), console)
+
+
+@app.command("dashboard")
+def dashboard(model: Model = DEFAULT_MODEL,
+              repeats: int = typer.Option(3, min=1, max=8, help="new values timed per interaction"),
+              new_tokens: int = typer.Option(16, min=4, max=48, help="new tokens per continuation on both pages"),
+              threads: Threads = None,
+              truth_run: Optional[Path] = typer.Option(None, help="a `hiddenlens truth directions` run folder "
+                                                     "fitted on MODEL (default: docs/results/truth for the "
+                                                     "embedded model, else the page fits the directions live)"),
+              out: Path = typer.Option(Path("runs/bench-dashboard/dashboard.json"), help="JSON result")) -> None:
+    """Time the dashboard's interactions headless (Streamlit's AppTest on the real app) against their budgets:
+    a steering alpha change <= 1.5x plain generation of its new tokens, a leakage span or block-range change
+    <= 3 s; prints seconds, baseline seconds and ratios measured side by side, and writes JSON."""
+    from hiddenlens.benchmarks.dashboard import run_dashboard_benchmark
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_dashboard_benchmark(model, repeats, new_tokens, threads, out, console, truth_run)
+    console.print(f"wrote {out}")
+
+
+
+@app.command("bb")
+def bb(steps: int = typer.Option(200, min=1, help="training steps per round and contender"),
+       layers: int = typer.Option(1, min=1, max=12, help="layers of both models"),
+       reps: int = typer.Option(3, min=1, help="timed rounds (after one warm-up round)"),
+       eval_every: int = typer.Option(100, min=1, help="sink-metric evaluation interval of the study contender"),
+       threads: int = typer.Option(1, min=1, help="torch threads (1: steadiest CPU time)"),
+       out: Optional[Path] = typer.Option(None, help="JSON result")) -> None:
+    """Bigram-Backcopy training ms/step: hiddenlens (train, with and without the study's sink evaluation) beside a
+    minimal plain-PyTorch model of the same architecture, and the ratio."""
+    from hiddenlens.benchmarks.bb import run_bb_benchmark
+
+    run_bb_benchmark(steps, layers, reps, eval_every, threads, str(out) if out else None)
+
+
+@app.command("prefix")
+def prefix(model: Model = DEFAULT_MODEL, device: Device = "auto", dtype: Dtype = "auto",
+           n: int = typer.Option(16, min=2, help="problems"), shots: int = typer.Option(2, min=1),
+           regime: str = typer.Option("cot", help="direct | cot | babble"),
+           new_tokens: int = typer.Option(8, min=1), batch_size: BatchSize = 8,
+           reps: int = typer.Option(3, min=1, help="timed rounds (after one warm-up round)"), threads: Threads = None,
+           out: Optional[Path] = typer.Option(None, help="JSON result")) -> None:
+    """Few-shot generation (the intention study's path) with the shared prompt prefix's KV cache reused vs
+    recomputed per batch: s/item and the ratio, with an output-equality check."""
+    from hiddenlens.benchmarks.prefix import run_prefix_benchmark
+
+    run_prefix_benchmark(model, n, shots, regime, new_tokens, batch_size, reps, threads, device, dtype,
+                         str(out) if out else None)
+
+
+@app.command("sinks-ablation")
+def sinks_ablation(model: Model = DEFAULT_MODEL, device: Device = "auto", dtype: Dtype = "auto",
+                   prompts: int = typer.Option(8, min=1), tokens: int = typer.Option(64, min=2),
+                   heads: int = typer.Option(8, min=1, help="heads ablated (x 2 modes)"),
+                   stack_rows: int = typer.Option(32, min=1, help="rows per stacked forward"),
+                   reps: int = typer.Option(3, min=1, help="timed rounds (after one warm-up round)"),
+                   threads: Threads = None, out: Optional[Path] = typer.Option(None, help="JSON result")) -> None:
+    """The sinks study's head interventions stacked in one forward vs one head at a time: s/intervention and
+    the ratio, with a CE-equality check."""
+    from hiddenlens.benchmarks.sinks_ablation import run_sinks_ablation_benchmark
+
+    run_sinks_ablation_benchmark(model, prompts, tokens, heads, stack_rows, reps, threads, device, dtype,
+                                 str(out) if out else None)

@@ -4,12 +4,17 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from hiddenlens.studies.report import PREPEND_BOS
+
+from .analyze import AddBos
 from .options import DEFAULT_MODEL, Backend, Device, Dtype, Model, console, load
 
 
 def demo(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
-         prompt: str = typer.Option("The capital of France is", help="the prompt to look at")) -> None:
-    """End-to-end demo: load, capture every block's residual stream and attention, print a short report."""
+         prompt: str = typer.Option("The capital of France is", help="the prompt to look at"),
+         add_bos: AddBos = PREPEND_BOS) -> None:
+    """End-to-end demo: load, capture every block's residual stream and attention, print a short report
+    (position 0 is the BOS unless ``--no-bos``)."""
     import torch
 
     import hiddenlens as hl
@@ -17,7 +22,7 @@ def demo(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device =
     handle = load(model, backend, device, dtype)
     n = handle.n_layers
     with hl.capture(handle, ["blocks.*.resid_post", "blocks.*.attn.pattern"]) as cache:
-        out = handle.run([prompt], add_bos=True)
+        out = handle.run([prompt], add_bos=add_bos)
     ids = out.input_ids[0].tolist()
     console.print(f"[bold]{handle!r}[/bold]\nprompt tokens: {[handle.tokenizer.decode([i]) for i in ids]}")
     probs = out.logits[0, -1].float().softmax(-1)

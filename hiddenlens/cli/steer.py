@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import options as o
-from .options import DEFAULT_MODEL, Backend, Device, Dtype, Model, Name, OptionalOut
+from .options import DEFAULT_MODEL, Backend, Device, Dtype, Model, Name, OptionalOut, Threads
 
 
 class DefaultCommandGroup(TyperGroup):
@@ -104,24 +104,45 @@ def _check_options(mode: str, modes: tuple[str, ...], alpha: float, max_new_toke
 
 @app.command("eval")
 def eval_(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
-          family: str = typer.Option("capitals", help="family to fit on and evaluate (held-out entities)"),
-          layers: str = typer.Option("8,12,16", help="blocks whose mass-mean directions are evaluated: "
-                                     + o.LAYERS_HELP),
-          alphas: str = typer.Option("0,1,2,4,8,16", help="alpha grid"),
-          k_heads: int = typer.Option(16, help="ITI heads (0: no ITI set)"),
-          seed: int = typer.Option(0), out: OptionalOut = None, name: Name = None):
-    """Fit directions on train entities, then steer on held-out questions over an alpha grid: accuracy, P(true),
-    margin; CE and KL on neutral prose; random-direction control; ITI's table beside ours."""
+          families: str = typer.Option("capital,continent,currency,language,misconception",
+                                       help="fact families to evaluate on (split by entity)"),
+          methods: str = typer.Option("mass_mean,probe,repe,caa,iti", help="steering methods to compare"),
+          layers: str = typer.Option("*", help="candidate blocks for the resid methods (one is chosen per method on "
+                                     "validation): " + o.LAYERS_HELP),
+          alphas: str = typer.Option("4,8,16", help="alpha grid (positive; edit = alpha * sigma * u)"),
+          k_heads: str = typer.Option("16,48", help="candidate numbers of ITI heads"),
+          n_random: int = typer.Option(20, help="random same-norm directions per method (the percentile's "
+                                                "distribution)"),
+          kl_budget: float = typer.Option(0.65, help="largest validation KL on prose (nats/token) an alpha may cost "
+                                                     "to be chosen"),
+          seed: int = typer.Option(0), threads: Threads = None, out: OptionalOut = None, name: Name = None):
+    """Fit truthful directions on fit entities, choose each method's layer, K and alpha on validation, then report
+    on test: fixes, breaks, net change (bootstrap CI), KL/CE on prose, percentile among random directions, and a
+    prompting baseline."""
     from hiddenlens.studies import steering as study
 
     grid = o.csv_floats(alphas, "--alphas")
-    if not grid or not all(math.isfinite(a) for a in grid):
-        raise ValueError(f"--alphas {alphas!r}: give a comma-separated list of finite numbers")
-    if k_heads < 0:
-        raise ValueError(f"--k-heads {k_heads}: a number of heads >= 0 (0: no ITI set)")
+    if not grid or not all(math.isfinite(a) and a > 0 for a in grid):
+        raise ValueError(f"--alphas {alphas!r}: give a comma-separated list of positive finite numbers")
+    ks = o.csv_floats(k_heads, "--k-heads")
+    if not ks or not all(k >= 1 and k == int(k) for k in ks):
+        raise ValueError(f"--k-heads {k_heads!r}: give a comma-separated list of whole numbers >= 1")
+    meths = o.csv_list([methods])
+    if not meths or not set(meths) <= set(study.METHODS):
+        raise ValueError(f"--methods {methods!r}: choose from {', '.join(study.METHODS)}")
+    fams = o.csv_list([families])
+    if n_random < 1:
+        raise ValueError(f"--n-random {n_random}: at least 1 (20 or more for a meaningful percentile)")
+    if not (math.isfinite(kl_budget) and kl_budget > 0):
+        raise ValueError(f"--kl-budget {kl_budget}: a positive number of nats/token")
+    from hiddenlens.analyses.fact_items import fact_items
+
+    fact_items(fams, seed)                                        # unknown families fail before the model loads
     folder = o.out_folder(out, study.STUDY, name)
+    o.set_threads(threads)
     handle = o.load(model, backend, device, dtype)
-    config = study.SteeringConfig(model=model, backend=backend, device=device, dtype=dtype, family=family,
-                                  layers=o.layers(layers, handle.n_layers), alphas=grid, k_heads=k_heads, seed=seed)
+    config = study.SteeringConfig(model=model, backend=backend, device=device, dtype=dtype, families=fams,
+                                  methods=meths, layers=o.layers(layers, handle.n_layers), alphas=grid,
+                                  k_heads=[int(k) for k in ks], n_random=n_random, kl_budget=kl_budget, seed=seed)
     study.run(config, handle).write(folder)
     typer.echo(f"report in {folder}/report.md")
