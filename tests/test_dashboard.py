@@ -10,10 +10,9 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-import hiddenlens.dashboard
 from hiddenlens.dashboard import attention, modelstore, results
 
-APP = str(Path(hiddenlens.dashboard.__file__).parent / "app.py")
+from dashboard_app import run_page
 
 
 @pytest.fixture(autouse=True)
@@ -27,17 +26,6 @@ def fresh_caches(monkeypatch, tmp_path):
     yield
     st.cache_resource.clear()
     modelstore.clear()
-
-
-def run_page(page: str | None = None, **state) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    for k, v in state.items():
-        at.session_state[k] = v
-    at.run()
-    if page is not None:
-        at.switch_page(f"views/{page}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def plotly_specs(at: AppTest) -> list[dict]:

@@ -12,9 +12,7 @@ import pandas as pd
 import pytest
 import streamlit as st
 import torch
-from streamlit.testing.v1 import AppTest
 
-import hiddenlens.dashboard
 from hiddenlens.analyses.truth import token_scores
 from hiddenlens.dashboard import backend, modelstore
 from hiddenlens.interventions.replace import (compare_replacement, continue_span_prompt, every_site,
@@ -23,7 +21,8 @@ from hiddenlens.interventions.steer import (continuation_states, continue_prefil
                                             steer_generate, steer_prefilled)
 from hiddenlens.probes.direction import Direction
 
-APP = str(Path(hiddenlens.dashboard.__file__).parent / "app.py")
+from dashboard_app import run_page
+
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 KEY = modelstore.ModelKey("tiny-llama")
 
@@ -194,16 +193,6 @@ def test_leakage_keeps_the_before_run_and_the_lone_states(fresh):
 
 
 # ---- pages --------------------------------------------------------------------------------------------------------
-def _page(page: str, **state) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    for k, v in state.items():
-        at.session_state[k] = v
-    at.run()
-    at.switch_page(f"views/{page}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def _spans(body: str) -> list[tuple[str, str]]:
     return [(t, html.unescape(x)) for t, x in re.findall(r'<span title="([^"]*)"[^>]*>(.*?)</span>', body, re.S)]
 
@@ -211,7 +200,7 @@ def _spans(body: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_truth_page_colours_only_where_the_detector_was_fitted(fresh, add_bos):
     _truth_run(fresh / "truth")
-    at = _page("truth", hl_add_bos=add_bos)
+    at = run_page("truth", hl_add_bos=add_bos)
     at.text_input(key="truth_path").input(str(fresh / "truth")).run()
     assert not at.exception and [e.value for e in at.error] == []
     bodies = [h.proto.body for h in at.get("html")]
@@ -232,7 +221,7 @@ def test_truth_page_colours_only_where_the_detector_was_fitted(fresh, add_bos):
 
 
 def test_leakage_page_follows_the_bos_toggle(fresh):
-    at = _page("leakage", hl_add_bos=False)
+    at = run_page("leakage", hl_add_bos=False)
     at.selectbox(key="leak_span").set_value("France").run()
     at.slider(key="leak_layers").set_value((1, 3)).run()
     assert not at.exception and [e.value for e in at.error] == []
@@ -243,7 +232,7 @@ def test_leakage_page_follows_the_bos_toggle(fresh):
 
 
 def test_intention_live_run_says_what_it_computed(fresh):
-    at = _page("intention")
+    at = run_page("intention")
     at.radio(key="int_source").set_value("Compute live on a small set").run()
     at.slider(key="int_n").set_value(4).run()
     at.multiselect(key="int_regimes").set_value(["direct"]).run()

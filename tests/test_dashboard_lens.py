@@ -3,19 +3,17 @@ tiny-llama, and the sidebar's BOS convention on the Latent dynamics and Latent i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-import hiddenlens.dashboard
 from hiddenlens.analyses import tuned_lens as tl
 from hiddenlens.dashboard import modelstore
 from hiddenlens.dashboard.ui import BOS_STATE
 from hiddenlens.interventions import decider as decider_module
 
-APP = str(Path(hiddenlens.dashboard.__file__).parent / "app.py")
+from dashboard_app import run_page as _run_page
 
 
 @pytest.fixture(autouse=True)
@@ -34,14 +32,8 @@ def fresh(monkeypatch, tmp_path):
     modelstore.clear()
 
 
-def run_page(page: str, **state) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=240)
-    for k, v in state.items():
-        at.session_state[k] = v
-    at.run()
-    at.switch_page(f"views/{page}.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+def run_page(page: str, **state):
+    return _run_page(page, timeout=240, **state)  # training a lens on first use takes longer
 
 
 def heatmap(at: AppTest) -> dict:
