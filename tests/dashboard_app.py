@@ -21,3 +21,14 @@ def run_page(page: str | None = None, timeout: float = 120, **state) -> AppTest:
         at.switch_page(f"views/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
+
+
+def intention_live(n: int = 4, regimes: tuple[str, ...] = ("direct",), budget: int = 4) -> AppTest:
+    """The Intention page after "Compute live" on ``n`` problems of ``regimes`` with ``budget`` new tokens."""
+    at = run_page("intention")
+    at.radio(key="int_source").set_value("Compute live on a small set").run()
+    at.slider(key="int_n").set_value(n).run()
+    at.multiselect(key="int_regimes").set_value(list(regimes)).run()
+    at.slider(key="int_budget").set_value(budget).run()
+    at.toggle(key="int_run").set_value(True).run()
+    return at

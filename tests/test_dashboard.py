@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from hiddenlens.dashboard import attention, modelstore, results
 
-from dashboard_app import run_page
+from dashboard_app import intention_live, run_page
 
 
 @pytest.fixture(autouse=True)
@@ -662,12 +662,7 @@ def test_save_as_run_writes_study_folders_the_results_page_opens(tmp_path):
     pd.testing.assert_frame_equal(res.tables["contrast"].reset_index(drop=True), shown.reset_index(drop=True))
     assert {"heads_prose", "heads_code", "causal", "leaving_tokens"} <= set(res.tables)
 
-    at = run_page("intention")
-    at.radio(key="int_source").set_value("Compute live on a small set").run()
-    at.slider(key="int_n").set_value(4).run()
-    at.multiselect(key="int_regimes").set_value(["direct"]).run()
-    at.slider(key="int_budget").set_value(4).run()
-    at.toggle(key="int_run").set_value(True).run()
+    at = intention_live()
     shown = at.dataframe[0].value
     at.button(key="int_save").click().run()
     no_errors(at)

@@ -21,7 +21,7 @@ from hiddenlens.interventions.steer import (continuation_states, continue_prefil
                                             steer_generate, steer_prefilled)
 from hiddenlens.probes.direction import Direction
 
-from dashboard_app import run_page
+from dashboard_app import intention_live, run_page
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 KEY = modelstore.ModelKey("tiny-llama")
@@ -232,11 +232,6 @@ def test_leakage_page_follows_the_bos_toggle(fresh):
 
 
 def test_intention_live_run_says_what_it_computed(fresh):
-    at = run_page("intention")
-    at.radio(key="int_source").set_value("Compute live on a small set").run()
-    at.slider(key="int_n").set_value(4).run()
-    at.multiselect(key="int_regimes").set_value(["direct"]).run()
-    at.slider(key="int_budget").set_value(4).run()
-    at.toggle(key="int_run").set_value(True).run()
+    at = intention_live()
     assert not at.exception
     assert [(s.label, s.state) for s in at.status] == [("Computed live: 4 problems x 1 regimes", "complete")]
