@@ -96,12 +96,15 @@ def _misconception_items(table: pd.DataFrame) -> list[dict]:
                  wrong=f" {r.false_answer}") for r in table.itertuples()]
 
 
-def fact_items(families=None, seed: int = 0) -> pd.DataFrame:
+def fact_items(families=None, seed: int = 0, limit: int | None = None) -> pd.DataFrame:
     """Contrast items of ``families`` (all of :data:`FAMILIES` by default) as a DataFrame with :data:`COLUMNS`.
 
     One row per item; ``item_id`` is ``"{family}:{entity}"``. ``split`` is by entity (fractions 0.5 / 0.25 / 0.25,
-    seeded); answers start with a space (they continue the prompt). Deterministic for a given ``seed``.
+    seeded); answers start with a space (they continue the prompt). ``limit``: at most this many items per family
+    and split (the first in the shipped order; None: all). Deterministic for a given ``seed``.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit}: give at least 1 item per family and split, or None for all")
     families = list(FAMILIES if families is None else [families] if isinstance(families, str) else families)
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:
@@ -117,7 +120,10 @@ def fact_items(families=None, seed: int = 0) -> pd.DataFrame:
             items, split_of = _country_items(fam, countries, country_split, seed), country_split
         records += [dict(item_id=f"{fam}:{it['entity']}", family=fam, split=split_of[it["entity"]], **it)
                     for it in items]
-    return pd.DataFrame.from_records(records, columns=COLUMNS)
+    table = pd.DataFrame.from_records(records, columns=COLUMNS)
+    if limit is not None:
+        table = table.groupby(["split", "family"], group_keys=False, sort=False).head(limit).reset_index(drop=True)
+    return table
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------

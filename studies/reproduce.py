@@ -341,10 +341,10 @@ PLANS: dict[str, Plan] = {
     "tuned_lens": Plan("tuned_lens", None, {}),
     "intention": Plan("intention", {"n": 40, "shots": 2}, {"n": 200, "shots": 2}),
     "truth": Plan("truth", {"transfer": []}, {}),
-    "steering": Plan("steering", {"families": ["misconception"], "alphas": [4.0], "k_heads": [16], "n_random": 20,
-                                  "n_boot": 200}, {}),
+    "steering": Plan("steering", {"families": ["misconception"], "limit": 20, "alphas": [4.0], "k_heads": [16],
+                                  "n_random": 20, "n_boot": 200}, {}),
     "truthprint": Plan("truthprint", {"families": ["capital", "continent"], "limit": 12, "alphas": [4.0]}, {}),
-    "leakage": Plan("leakage", {"limit": 8, "samples": 2}, {}),
+    "leakage": Plan("leakage", {"limit": 6, "samples": 2}, {}),
     "iteration": Plan("iteration", {"chunks": 4}, {"decider": "cached", "lora": "cached"}),
     "patching": Plan("patching", {}, {}),
 }

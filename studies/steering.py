@@ -404,9 +404,11 @@ class SteeringConfig(ModelSpec):
     candidate ``k_heads``; ``caa_items`` fit items for CAA's A/B prompts; ``n_random`` random directions per
     method; ``kl_budget`` (nats/token) an alpha must keep on validation to be chosen (ITI's own KL, 0.65);
     ``n_prose`` 64-token prose chunks for the cost; ``test_all_alphas`` also scores test at every alpha of the
-    chosen sets (for the figure; never used for a choice)."""
+    chosen sets (for the figure; never used for a choice); ``limit`` items per family and split at most (None:
+    all)."""
 
     families: list[str] | str = field(default_factory=lambda: list(FAMILIES))
+    limit: int | None = None
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     layers: list[int] | str = "*"
     alphas: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0])
@@ -613,4 +615,4 @@ def run(config: SteeringConfig, handle=None, progress: bool = True) -> Result:
     """Build the items (:func:`~hiddenlens.analyses.fact_items.fact_items`, split by entity) and run
     :func:`evaluate`."""
     handle = handle if handle is not None else config.load()
-    return evaluate(handle, fact_items(config.families, seed=config.seed), config, progress)
+    return evaluate(handle, fact_items(config.families, seed=config.seed, limit=config.limit), config, progress)

@@ -75,13 +75,6 @@ def answer_kind(generated: str, correct: str, wrong: str) -> str:
     return "wrong" if g.startswith(wrong.strip().lower()) else "other"
 
 
-def _items(config: TruthPrIntConfig) -> pd.DataFrame:
-    items = fact_items(config.families, seed=config.seed)
-    if config.limit is not None:
-        items = items.groupby(["split", "family"], group_keys=False).head(config.limit)
-    return items.reset_index(drop=True)
-
-
 def fit_layer_directions(handle, train: pd.DataFrame, layers: list[int], batch_size: int, spec: str
                          ) -> dict[int, Direction]:
     """Mass-mean direction and detector per layer from ``train``'s true (``prompt + correct``) and false
@@ -224,7 +217,7 @@ def run(config: TruthPrIntConfig, handle=None, progress: bool = True) -> Result:
     """Fit, answer, detect, steer (see the module docstring)."""
     handle = handle if handle is not None else config.load()
     layers = list(config.layers) if config.layers is not None else list(range(handle.n_layers))
-    items = _items(config)
+    items = fact_items(config.families, seed=config.seed, limit=config.limit)
     bar = tqdm(total=4, desc="truthprint", unit="stage", disable=not progress)
     directions = fit_layer_directions(handle, items[items.split == "train"], layers, config.batch_size, handle.spec)
     bar.update()

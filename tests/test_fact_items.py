@@ -139,3 +139,13 @@ def test_embedded_model_gets_some_items_right_and_some_wrong(smollm, items):
     scored = F.score_items(smollm, sample)
     assert np.isfinite(scored[["logp_correct", "logp_wrong"]].to_numpy()).all()
     assert scored.model_right.any() and not scored.model_right.all()
+
+
+def test_limit_keeps_the_first_items_of_each_family_and_split(items):
+    few = F.fact_items(["capital", "misconception"], seed=0, limit=3)
+    assert few.groupby(["family", "split"]).size().eq(3).all() and len(few) == 2 * 3 * 3
+    full = items[items.family.isin(["capital", "misconception"])]
+    expected = full.groupby(["split", "family"], sort=False).head(3)
+    assert set(few.item_id) == set(expected.item_id)  # the first in the shipped order, splits unchanged
+    with pytest.raises(ValueError, match="limit=0"):
+        F.fact_items(limit=0)

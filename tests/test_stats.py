@@ -121,6 +121,18 @@ def test_bootstrap_ci_of_paired_auroc():
         bootstrap_ci((y, s[:10]), "auroc")
 
 
+def test_bootstrap_auroc_by_ranks_equals_scikit_learn_per_resample():
+    """The vectorized rank statistic gives sklearn's AUROC on every resample (ties, string labels, resamples that
+    lose a class): the same interval as scoring each resample with :func:`auroc`."""
+    rng = np.random.default_rng(3)
+    y = np.where(rng.random(30) < 0.2, "wrong", "right")  # "wrong" > "right": the positive class
+    s = rng.integers(0, 4, 30).astype(float)  # many ties
+    one_by_one = bootstrap_ci((y, s), lambda a, b: auroc(a, b, single_class="nan"), n_resamples=400, seed=5)
+    assert bootstrap_ci((y, s), "auroc", n_resamples=400, seed=5) == pytest.approx(one_by_one, abs=1e-12)
+    with pytest.raises(ValueError, match="binary labels"):
+        bootstrap_ci((np.arange(6) % 3, np.arange(6.0)), "auroc")
+
+
 # ---- markdown -----------------------------------------------------------------------------------------------------
 def test_markdown_table_escapes_pipes_and_newlines():
     df = pd.DataFrame({"name": ["a | b", "two\nlines"], "value": [0.12345, 2.0], "n": [1, 2]})

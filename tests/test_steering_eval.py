@@ -173,8 +173,9 @@ def test_cli_eval_writes_a_run_folder(tmp_path, capsys):
     out = tmp_path / "steer"
     with pytest.raises(SystemExit) as exc:
         main(["steer", "eval", "--model", "tiny-llama", "--families", "misconception", "--methods", "mass_mean",
-              "--layers", "1-2", "--alphas", "4", "--n-random", "1", "--out", str(out)])
+              "--layers", "1-2", "--alphas", "4", "--n-random", "1", "--limit", "6", "--out", str(out)])
     assert exc.value.code == 0 and "report in" in capsys.readouterr().out
     res = S.Result.read(out)
     assert res.config.methods == ["mass_mean"] and res.summary["families"] == ["misconception"]
+    assert res.config.limit == 6 and res.summary["n_fit"] == res.summary["n_val"] == res.summary["n_test"] == 6
     assert res.summary["choices"]["mass_mean"]["set"] in ("mass_mean@L1", "mass_mean@L2")

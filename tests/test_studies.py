@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: committed result folder -> the study that wrote it (they predate study.json)
 COMMITTED = {"bb": "bigram_backcopy", "intention": "intention", "iteration": "iteration", "leakage": "leakage",
              "sinks": "sinks", "steering": "steering", "truth": "truth", "tuned_lens": "tuned_lens",
-             "patching": "patching", "truthprint": "truthprint"}
+             "patching": "patching", "truthprint": "truthprint", "reproduce": "reproduce"}
 
 
 def test_one_default_output_root(monkeypatch, tmp_path):
@@ -58,7 +58,9 @@ def test_committed_results_read_and_rewrite(folder, tmp_path):
     for name, df in res.tables.items():
         pd.testing.assert_frame_equal(back.tables[name], df, check_dtype=False)
     assert set(back.figure_files) >= set(json.loads((out / "study.json").read_text())["figures"])
-    assert [r[1] for r in studies.list_runs(tmp_path)] == [out]
+    listed = [r[1] for r in studies.list_runs(tmp_path)]
+    parts = [out / name for name in getattr(res, "parts", {})]  # a reproduction's studies are runs of their own
+    assert sorted(listed) == sorted([out, *parts])
 
 
 def test_a_folder_of_another_study_is_refused(tmp_path):

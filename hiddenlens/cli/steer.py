@@ -106,6 +106,7 @@ def _check_options(mode: str, modes: tuple[str, ...], alpha: float, max_new_toke
 def eval_(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
           families: str = typer.Option("capital,continent,currency,language,misconception",
                                        help="fact families to evaluate on (split by entity)"),
+          limit: int = typer.Option(0, min=0, help="items per split and family at most (0: all)"),
           methods: str = typer.Option("mass_mean,probe,repe,caa,iti", help="steering methods to compare"),
           layers: str = typer.Option("*", help="candidate blocks for the resid methods (one is chosen per method on "
                                      "validation): " + o.LAYERS_HELP),
@@ -142,7 +143,8 @@ def eval_(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device 
     o.set_threads(threads)
     handle = o.load(model, backend, device, dtype)
     config = study.SteeringConfig(model=model, backend=backend, device=device, dtype=dtype, families=fams,
-                                  methods=meths, layers=o.layers(layers, handle.n_layers), alphas=grid,
-                                  k_heads=[int(k) for k in ks], n_random=n_random, kl_budget=kl_budget, seed=seed)
+                                  limit=limit or None, methods=meths, layers=o.layers(layers, handle.n_layers),
+                                  alphas=grid, k_heads=[int(k) for k in ks], n_random=n_random,
+                                  kl_budget=kl_budget, seed=seed)
     study.run(config, handle).write(folder)
     typer.echo(f"report in {folder}/report.md")
