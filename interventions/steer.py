@@ -139,8 +139,8 @@ class Steering(Edit):
 
     Works with ``handle.generate`` / ``handle.run`` / direct calls of the model on every backend. ``prompt_length``
     fixes P for teacher-forced runs in modes ``prompt`` / ``generated`` (default: the width of each run's first
-    forward; other modes take none). For ``mode="conditional"`` the edits are off until :attr:`start` is set (by
-    :func:`steer_generate`).
+    forward; other modes take none). For ``mode="conditional"`` the edits are off until :meth:`steer_rows` switches
+    them on for some rows of the batch (:func:`steer_generate` does, row by row, when the detector fires).
 
     After the block, ``changes[run][site]`` holds ``[batch, positions]``: the L2 norm of what was added at each
     absolute position; :meth:`added_norm` combines the sites.
@@ -161,7 +161,19 @@ class Steering(Edit):
         super().__init__(handle, {site: Add(v) for site, v in vectors.items()}, positions=slice(0, 0),
                          require_applied=False)
         self.alpha, self.mode, self.prompt_length = alpha, mode, prompt_length
-        self.start: int | None = None  # conditional: first steered position once the detector fired
+        self._vectors = vectors
+        self._rows: torch.Tensor | None = None  # conditional: the rows steered from now on, [batch] bool
+
+    def steer_rows(self, rows: torch.Tensor) -> None:
+        """Conditional mode: from the next forward on, add the vectors at every position of the rows where
+        ``rows [batch]`` (bool) is set, and nothing in the other rows."""
+        if self.mode != "conditional":
+            raise ValueError(f"steer_rows() switches conditional steering (mode={self.mode!r})")
+        self._rows = rows.clone()
+        for site, op in self.ops.items():
+            v = self._vectors[site.name]
+            per_row = (v.view(1, -1) if v.ndim == 1 else v).unsqueeze(0)       # [1, 1, d] or [1, heads, 1, hd]
+            op.vector = rows.to(per_row).view(-1, *[1] * (per_row.ndim - 1)) * per_row
 
     def begin_forward(self, offset: int, attention_mask: torch.Tensor | None = None,
                       length: int | None = None) -> None:
@@ -176,7 +188,7 @@ class Steering(Edit):
         elif self.mode == "generated":
             self.positions = slice(P - 1, None)
         else:
-            self.positions = slice(self.start, None) if self.start is not None else slice(0, 0)
+            self.positions = None if self._rows is not None and bool(self._rows.any()) else slice(0, 0)
 
     def added_norm(self, run: int = 0) -> torch.Tensor:
         """L2 norm of everything added at each position of one run, ``[batch, positions]`` (all sites)."""
@@ -340,91 +352,138 @@ def _logits_guard(req: SteerRequest, dtype: torch.dtype):
 def _conditional(handle, prompts, req: SteerRequest, max_new_tokens, add_bos, on_event) -> SteerOutput:
     view = handle.with_backend("hf")
     batch = view.tokenize(prompts, add_bos=add_bos)
-    eos = handle.hf_model.generation_config.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else (eos or []))
-    site = req.detector.site
-    rows, norms, sites, rollbacks, scores = [], [], [], [], []
-    for j in range(batch.input_ids.shape[0]):
-        ids = batch.input_ids[j][batch.attention_mask[j].bool()].tolist()
-        with Steering(view, req.directions, req.alpha, "conditional") as steer, \
-                capture(view, [site], positions="last") as cache:
-            seq, flagged, p_list = _decode_one(view, steer, cache, req, ids, max_new_tokens, eos, on_event)
-        rows.append(seq)
-        changes = steer.changes.get(0, {})
-        norms.append(steer.added_norm(0)[0] if changes else torch.zeros(0))
-        sites.append({k: v[0] for k, v in changes.items()})
-        rollbacks.append(flagged)
-        scores.append(p_list)
-    n_prompt = [int(m.sum()) for m in batch.attention_mask]
+    prompt_ids = [batch.input_ids[j][batch.attention_mask[j].bool()].tolist() for j in range(len(prompts))]
+    with Steering(view, req.directions, req.alpha, "conditional") as steer, \
+            capture(view, [req.detector.site], positions="last") as cache:
+        dec = _ConditionalBatch(view, steer, cache, req, prompt_ids, _eos_ids(handle), on_event)
+        dec.decode(max_new_tokens)
+    rows, rollbacks = dec.seqs, dec.flagged
+    per_col = {k: v.float().cpu() for k, v in steer.changes.get(0, {}).items()}
+    n_prompt = [len(p) for p in prompt_ids]
     P = max(n_prompt)
     pad = handle.tokenizer.pad_token_id
     new_len = max(len(r) - p for r, p in zip(rows, n_prompt))
     seqs = torch.full((len(rows), P + new_len), pad, dtype=torch.long)
-    added = torch.zeros(len(rows), P + new_len)
-    per_site = {k: torch.zeros(len(rows), P + new_len) for k in {k for s in sites for k in s}}
+    per_site = {k: torch.zeros(len(rows), P + new_len) for k in per_col}
     for j, (r, p) in enumerate(zip(rows, n_prompt)):
         shift = P - p
         seqs[j, shift:shift + len(r)] = torch.tensor(r)
-        n = norms[j].float().cpu()[: len(r)]
-        added[j, shift:shift + len(n)] = n
-        for k, v in sites[j].items():
-            v = v.float().cpu()[: len(r)]
-            per_site[k][j, shift:shift + len(v)] = v
+        cols = torch.tensor(dec.cols[j][:len(r)])          # the cache column that holds each position of row j
+        for k, v in per_col.items():
+            fed = cols[cols < v.shape[1]]                  # later columns: no forward was logged, nothing added
+            per_site[k][j, shift:shift + len(fed)] = v[j, fed]
         if rollbacks[j] is not None:
             rollbacks[j] += shift
+    added = (sum(v.pow(2) for v in per_site.values()).sqrt() if per_site else torch.zeros(seqs.shape))
     texts = [handle.tokenizer.decode(r[p:], skip_special_tokens=True) for r, p in zip(rows, n_prompt)]
     return SteerOutput(seqs.to(handle.device), P, texts, added, per_site, "conditional", req.alpha, rollbacks,
-                       scores)
+                       dec.p_true)
 
 
-def _decode_one(view, steer: Steering, cache, req: SteerRequest, ids, max_new_tokens, eos, on_event):
-    """Greedy KV-cache decoding of one unpadded prompt with detect-then-rollback (see the module docstring);
-    every step's logits are checked (:func:`check_logits`) before a token is chosen from them."""
-    # transformers is heavy to import: only when conditional decoding runs
-    from transformers import DynamicCache
+class _ConditionalBatch:
+    """Greedy KV-cache decoding of a batch with detect-then-rollback per row (see the module docstring).
 
-    model = view.hf_model
-    kv = DynamicCache(config=model.config)
-    device = view.device
-    detector, site, threshold = req.detector, req.detector.site, req.threshold
+    The rows share one cache whose columns are fed in lockstep: each row's positions sit in columns listed in
+    :attr:`cols`, its position ids count only its own tokens, and a rollback masks the two columns it drops (the
+    flagged token and the position that chose it) and re-feeds that position, steered, in a new column (the other
+    rows feed a masked pad there). So every row sees exactly its own sequence, as when decoded alone. Every step's
+    logits are checked (:func:`check_logits`) before a token is chosen from them."""
 
-    def feed(tokens: list[int], start: int) -> torch.Tensor:
-        inp = torch.tensor([tokens], device=device)
-        mask = torch.ones(1, start + len(tokens), dtype=torch.long, device=device)
-        return model(input_ids=inp, attention_mask=mask, cache=kv, use_cache=True, logits_to_keep=1).logits[0, -1]
+    def __init__(self, view, steer: Steering, cache, req: SteerRequest, prompt_ids: list[list[int]], eos: set[int],
+                 on_event):
+        # transformers is heavy to import: only when conditional decoding runs
+        from transformers import DynamicCache
 
-    def p_true_last() -> float:
-        h = cache.chunks(site)[-1].value[0]
-        h = h[detector.head, -1] if detector.head is not None else h[-1]
-        return float(detector.p_true(h))
+        self.model, self.device, self.tokenizer = view.hf_model, view.device, view.tokenizer
+        self.dtype, self.steer, self.cache, self.req, self.eos, self.on_event = \
+            view.dtype, steer, cache, req, eos, on_event
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        b, P = len(prompt_ids), max(map(len, prompt_ids))
+        self.seqs = [list(p) for p in prompt_ids]
+        self.cols = [list(range(P - len(p), P)) for p in prompt_ids]
+        self.mask = torch.zeros(b, P, dtype=torch.long)
+        for j, p in enumerate(prompt_ids):
+            self.mask[j, P - len(p):] = 1
+        self.flagged: list[int | None] = [None] * b
+        self.p_true: list[list[float]] = [[] for _ in range(b)]
+        self.on = torch.zeros(b, dtype=torch.bool)
+        self.kv = DynamicCache(config=self.model.config)
+        ids = torch.full((b, P), self.pad, dtype=torch.long)
+        for j, p in enumerate(prompt_ids):
+            ids[j, P - len(p):] = torch.tensor(p)
+        pos = (self.mask.cumsum(1) - 1).clamp(min=0)
+        self.logits = self._forward(ids, pos)
 
-    seq = list(ids)
-    logits = feed(seq, 0)
-    flagged, p_list, n_new = None, [], 0
-    while n_new < max_new_tokens:
-        check_logits(logits, n_new, req, view.dtype)
-        tok = int(logits.argmax())
-        seq.append(tok)
-        n_new += 1
-        logits = feed([tok], len(seq) - 1)
-        if flagged is None:
-            p = p_true_last()
-            p_list.append(p)
-            if p < threshold:
-                flagged = len(seq) - 1
-                seq.pop()
-                n_new -= 1
-                kv.crop(-2)  # drop the flagged token and the position that chose it
-                steer.start = len(seq) - 1
-                if on_event:
-                    on_event("rollback", {"position": flagged, "p_true": p})
-                logits = feed([seq[-1]], len(seq) - 1)
-                continue
-        if on_event:
-            on_event("token", {"text": view.tokenizer.decode([tok]), "id": tok})
-        if tok in eos:
-            break
-    return seq, flagged, p_list
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Feed ``ids [b, t]`` at position ids ``pos`` after the cache (``self.mask`` already covers them); the
+        last column's logits ``[b, vocab]``."""
+        return self.model(input_ids=ids.to(self.device), attention_mask=self.mask.to(self.device),
+                          position_ids=pos.to(self.device), cache=self.kv, use_cache=True,
+                          logits_to_keep=1).logits[:, -1]
+
+    def _column(self, tokens: dict[int, int]) -> torch.Tensor:
+        """Feed one new column: ``tokens[row]`` at that row's next position, a masked pad in the other rows."""
+        b, col = len(self.seqs), self.mask.shape[1]
+        ids = torch.full((b, 1), self.pad, dtype=torch.long)
+        pos = torch.zeros(b, 1, dtype=torch.long)
+        new = torch.zeros(b, 1, dtype=torch.long)
+        for j, tok in tokens.items():
+            ids[j, 0], pos[j, 0], new[j, 0] = tok, len(self.cols[j]), 1
+            self.cols[j].append(col)
+        self.mask = torch.cat([self.mask, new], 1)
+        return self._forward(ids, pos)
+
+    def _scores(self) -> torch.Tensor:
+        """The detector's ``p_true`` of the last fed column, ``[b]``."""
+        det = self.req.detector
+        h = self.cache.chunks(det.site)[-1].value
+        h = h[:, det.head, -1] if det.head is not None else h[:, -1]
+        return det.p_true(h).float().cpu()
+
+    def decode(self, max_new_tokens: int) -> None:
+        n_new = [0] * len(self.seqs)
+        live = set(range(len(self.seqs)))
+        while live:
+            chosen = {}
+            for j in sorted(live):
+                check_logits(self.logits[j], n_new[j], self.req, self.dtype)
+                chosen[j] = int(self.logits[j].argmax())
+                self.seqs[j].append(chosen[j])
+                n_new[j] += 1
+            self.logits = self._column(chosen)
+            back = {}
+            if any(self.flagged[j] is None for j in chosen):
+                p = self._scores()
+                for j in chosen:
+                    if self.flagged[j] is None:
+                        self.p_true[j].append(float(p[j]))
+                        if p[j] < self.req.threshold:
+                            back[j] = self._roll_back(j)
+                            n_new[j] -= 1
+            if back:
+                self.on[list(back)] = True
+                self.steer.steer_rows(self.on)
+                again = self._column(back)
+                self.logits[list(back)] = again[list(back)]
+            for j, tok in chosen.items():
+                if j in back:
+                    continue
+                if self.on_event:
+                    self.on_event("token", {"text": self.tokenizer.decode([tok]), "id": tok, "row": j})
+                if tok in self.eos or n_new[j] >= max_new_tokens:
+                    live.discard(j)
+
+    def _roll_back(self, j: int) -> int:
+        """Drop row ``j``'s flagged last token and the column of the position that chose it; returns the token
+        that position holds (to re-feed, steered)."""
+        self.flagged[j] = len(self.seqs[j]) - 1
+        self.seqs[j].pop()
+        for col in self.cols[j][-2:]:
+            self.mask[j, col] = 0
+        del self.cols[j][-2:]
+        if self.on_event:
+            self.on_event("rollback", {"position": self.flagged[j], "p_true": self.p_true[j][-1], "row": j})
+        return self.seqs[j][-1]
 
 
 # ---- a prompt prefilled once, greedy decoding that streams (the dashboard's steering and leakage views) ----------

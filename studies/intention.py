@@ -46,7 +46,7 @@ class IntentionConfig(ModelSpec):
     shots: int = 0
     babble_shots: str = "none"
     layers: list[int] | str | None = None
-    batch_size: int = 8
+    batch_size: int = 32
     max_new_tokens: dict[str, int] = field(default_factory=dict)
     post_collapse: bool = False
     reuse_prefix: bool = True

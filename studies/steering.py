@@ -45,6 +45,7 @@ metrics (no percentile: it has no site).
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -185,6 +186,16 @@ class _PrefixBatch:
                             use_cache=True).logits
         return log_probs(logits.double())
 
+    def repeat(self, n: int) -> "_PrefixBatch":
+        """The same items with every row repeated ``n`` times in a row (row ``r`` is item ``r // n``), on a copy
+        of the prompt's KV cache: ``n`` conditions scored in one forward."""
+        out = object.__new__(_PrefixBatch)
+        out.model, out.ids, out.mask = self.model, self.ids.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0)
+        out.answers = [(i.repeat_interleave(n, 0), m.repeat_interleave(n, 0)) for i, m in self.answers]
+        out.kv = copy.deepcopy(self.kv)
+        out.kv.batch_repeat_interleave(n)
+        return out
+
     def margins(self) -> np.ndarray:
         """``log P(correct) - log P(wrong)`` per item ``[b]`` (nats), under whatever edit is active."""
         first = self._forward(self.ids[:, -1:], self.mask)[:, 0]                         # [b, vocab]
@@ -201,25 +212,39 @@ class _PrefixBatch:
         return (total[0] - total[1]).cpu().numpy()
 
 
-def steer_here(handle, directions: list[Direction], alpha: float) -> Edit:
-    """An edit adding ``alpha * sigma * u`` at every position of every forward inside it (what
-    :class:`~hiddenlens.interventions.steer.Steering` does in mode ``all``, checked the same way), also when the
-    first forward continues a KV cache (offset > 0)."""
-    check_directions(handle, directions)
-    vectors = steering_vectors(handle, directions, check_alpha(alpha))
-    return Edit(handle, {site: Add(v) for site, v in vectors.items()}, positions=None, require_applied=False)
+def stacked_edit(handle, conditions: list, items: int):
+    """One edit for ``len(conditions)`` = C conditions scored together in a batch of ``items * C`` rows, row ``r``
+    holding item ``r // C`` under condition ``r % C`` (:meth:`_PrefixBatch.repeat`). Condition ``c`` =
+    ``(directions, alpha)`` adds ``alpha * sigma * u`` (checked as :class:`~hiddenlens.interventions.steer.Steering`
+    checks it) at every position of its own rows, also when a forward continues a KV cache; ``None`` (unsteered)
+    and sites a condition does not name add exact zeros. A null context when no condition steers."""
+    per = [steering_vectors(handle, c[0], check_alpha(c[1])) if c else {} for c in conditions]
+    sites = sorted(set().union(*per))
+    if not sites:
+        return contextlib.nullcontext()
+    ops = {}
+    for site in sites:
+        ref = next(p[site] for p in per if site in p)
+        stack = torch.stack([p.get(site, torch.zeros_like(ref)) for p in per])    # [C, d] or [C, heads, 1, hd]
+        stack = stack[:, None] if ref.ndim == 1 else stack                         # [C, 1, d]: broadcast over pos
+        ops[site] = Add(stack.repeat(items, *[1] * (stack.ndim - 1)))
+    return Edit(handle, ops, positions=None, require_applied=False)
 
 
 def item_margins(handle, items: pd.DataFrame, conditions: dict, batch_size: int = 64, progress: bool = False,
-                 desc: str = "scoring") -> dict[str, np.ndarray]:
+                 desc: str = "scoring", tokens_per_forward: int = 1024) -> dict[str, np.ndarray]:
     """``{condition: log P(correct) - log P(wrong) per item [n]}`` (nats; item order as in ``items``).
 
     ``conditions`` maps a name to ``(directions, alpha)``, or to ``None`` for the unsteered model. Steering is
     applied at the last prompt position and at the answer positions (mode ``generated``); see
-    :class:`_PrefixBatch` for why the prompt runs once per batch for every condition.
+    :class:`_PrefixBatch` for why the prompt runs once per batch for every condition. Several conditions run as
+    one forward (:func:`stacked_edit`), as many as keep a forward within about ``tokens_per_forward`` tokens.
     """
     if items.empty:
         raise ValueError("no items to score")
+    for cond in conditions.values():
+        if cond:
+            check_directions(handle, cond[0])
     toks = tokenize_items(handle.tokenizer, items)
     # batches of one answer length: every condition pays for the answers' padding, the prompt's only once
     width = [max(len(c), len(w)) for _, c, w in toks]
@@ -227,14 +252,19 @@ def item_margins(handle, items: pd.DataFrame, conditions: dict, batch_size: int 
     batches = [rows[s:s + batch_size] for a in sorted(set(width)) for rows in [[j for j in order if width[j] == a]]
                for s in batch_starts(len(rows), batch_size)]
     out = {name: np.zeros(len(toks)) for name in conditions}
+    names = list(conditions)
     with tqdm(total=len(batches) * len(conditions), desc=desc, disable=not progress) as bar, torch.inference_mode():
         for rows in batches:
             batch = _PrefixBatch(handle, [toks[j] for j in rows])
-            for name, cond in conditions.items():
-                ctx = steer_here(handle, *cond) if cond else contextlib.nullcontext()
-                with ctx:
-                    out[name][rows] = batch.margins()
-                bar.update()
+            per = max(1, tokens_per_forward // (len(rows) * width[rows[0]]))
+            for s in range(0, len(names), per):
+                group = names[s:s + per]
+                stacked = batch.repeat(len(group)) if len(group) > 1 else batch
+                with stacked_edit(handle, [conditions[n] for n in group], len(rows)):
+                    m = stacked.margins()
+                for c, name in enumerate(group):
+                    out[name][rows] = m[c::len(group)]
+                bar.update(len(group))
     return out
 
 

@@ -57,7 +57,7 @@ class TruthPrIntConfig(ModelSpec):
     alphas: list[float] = field(default_factory=lambda: [4.0, 8.0])
     thresholds: list[float] = field(default_factory=lambda: [0.5])
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 64
 
     def __post_init__(self):
         unknown = sorted(set(self.families) - set(FAMILIES))

@@ -15,7 +15,7 @@ TOP = {"info", "capture", "demo", "dashboard", "train-lens", "train-decider", "t
        "analyze", "bench", "bb", "truth", "steer", "reproduce"}
 GROUPS = {"analyze": {"intention", "dynamics", "sinks", "leakage", "iteration", "tuned-lens"},
           "bench": {"capture", "store", "dimensionality", "steer", "gpu", "ray", "dashboard", "bb", "prefix",
-                    "sinks-ablation"},
+                    "sinks-ablation", "steer-eval"},
           "bb": {"train", "reproduce"}, "truth": {"directions", "truthprint"}, "steer": {"run", "eval"}}
 #: commands that load a model offer the shared options
 LOADERS = [["info"], ["capture"], ["demo"], ["dashboard"], ["train-lens"], ["train-decider"],

@@ -80,15 +80,24 @@ def test_kv_cache_positions_are_absolute(tiny_llama, dirs, mode):
     assert not torch.equal(cached.sequences, plain.sequences)  # the steering did something
 
 
-@pytest.mark.parametrize("mode", ["all", "prompt", "generated", "conditional"])
-def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_llama, dirs, mode):
-    kw = {"threshold": 0.9} if mode == "conditional" else {}
+@pytest.mark.parametrize("mode, threshold", [("all", None), ("prompt", None), ("generated", None),
+                                             ("conditional", 0.9), ("conditional", 0.5)])
+def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_llama, dirs, mode, threshold):
+    """Conditional mode decodes the batch together: at threshold 0.5 the rows roll back at different steps (one
+    at its last token), and each row still equals that prompt decoded alone."""
+    kw = {"threshold": threshold} if mode == "conditional" else {}
     batch = steer_generate(tiny_llama, PROMPTS, dirs, 6.0, mode, max_new_tokens=6, **kw)
+    if threshold == 0.5:
+        assert len(set(batch.rollback)) > 1 and None not in batch.rollback
     for j, p in enumerate(PROMPTS):
         one = steer_generate(tiny_llama, [p], dirs, 6.0, mode, max_new_tokens=6, **kw)
         assert torch.equal(batch.new_tokens[j], one.new_tokens[0]), (mode, p)
         n = one.sequences.shape[1]
         assert torch.allclose(batch.added_norm[j, -n:], one.added_norm[0])
+        if mode == "conditional":
+            assert batch.p_true[j] == pytest.approx(one.p_true[0], abs=1e-5)
+            shift = batch.sequences.shape[1] - n
+            assert batch.rollback[j] == (None if one.rollback[0] is None else one.rollback[0] + shift)
 
 
 def test_added_norm_marks_the_edited_positions(tiny_llama, dirs):

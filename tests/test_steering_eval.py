@@ -179,3 +179,30 @@ def test_cli_eval_writes_a_run_folder(tmp_path, capsys):
     assert res.config.methods == ["mass_mean"] and res.summary["families"] == ["misconception"]
     assert res.config.limit == 6 and res.summary["n_fit"] == res.summary["n_val"] == res.summary["n_test"] == 6
     assert res.summary["choices"]["mass_mean"]["set"] in ("mass_mean@L1", "mass_mean@L2")
+
+
+def test_conditions_scored_together_equal_each_alone(tiny_llama, items):
+    """Several conditions share one forward (rows stacked, each condition's vector in its own rows, zeros at the
+    sites it does not edit): each equals the condition scored alone, and the unsteered rows stay unsteered."""
+    g = torch.Generator().manual_seed(5)
+    resid = [Direction(torch.randn(tiny_llama.adapter.d_model, generator=g), 2.0, "blocks.1.resid_post")]
+    head = [Direction(torch.randn(tiny_llama.adapter.head_dim, generator=g), 1.5, "blocks.2.attn.z", 1)]
+    conds = {"plain": None, "resid": (resid, 6.0), "head": (head, 6.0), "both": (resid + head, 3.0)}
+    together = S.item_margins(tiny_llama, items, conds, batch_size=16)
+    for name, cond in conds.items():
+        alone = S.item_margins(tiny_llama, items, {name: cond}, batch_size=16)[name]
+        np.testing.assert_allclose(together[name], alone, atol=1e-4)
+    assert len({round(float(np.abs(together[n] - together["plain"]).sum()), 3) for n in conds}) == 4
+
+
+def test_speed_benchmark_compares_equal_outputs(tmp_path):
+    """``bench steer-eval`` on the tiny model: each comparison has both contenders, the stacked margins equal the
+    one-per-forward ones, batched detect-then-steer gives the same tokens, and the JSON is written."""
+    from hiddenlens.benchmarks.steer_eval import run_steer_eval_benchmark
+
+    r = run_steer_eval_benchmark("tiny-llama", items=12, conditions=3, prompts=3, new_tokens=3, reps=1,
+                                 out=str(tmp_path / "b.json"))
+    assert {row["contender"] for row in r["tables"]["scoring"]} == {"one_per_forward", "stacked"}
+    assert {row["contender"] for row in r["tables"]["conditional"]} == {"one_prompt_at_a_time", "batched"}
+    assert r["max_margin_difference"] < 1e-4 and r["same_conditional_tokens"] and r["probe_cosine"] > 0.9
+    assert (tmp_path / "b.json").exists()

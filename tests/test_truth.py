@@ -89,6 +89,19 @@ def test_probe_direction_separates():
     assert auc > 0.95
 
 
+def test_probe_is_the_converged_l2_logistic_regression():
+    """The probe solves ITI's objective (L2 logistic regression, C = 1, raw features) to its optimum, also when one
+    feature is 1000x the others' scale (a residual stream's massive activations): the coefficient equals a
+    tightly converged reference fit."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = two_clusters(n=400, d=16, snr=1.0, seed=6)
+    X[:, 3] *= 1000.0
+    ref = LogisticRegression(C=1.0, tol=1e-12, max_iter=100_000).fit(X, y).coef_[0]
+    got = T.probe_direction(X, y)
+    assert np.linalg.norm(got - ref) < 1e-4 * np.linalg.norm(ref)     # lbfgs at max_iter=1000: 4e-4
+
+
 def test_top_k_picks_planted_head():
     """"Inference-Time Intervention: Eliciting Truthful Answers from a Language Model" (arXiv 2306.03341): top-K selection picks the head with the strongest planted signal."""
     n, L, H, hd = 300, 3, 4, 8

@@ -69,7 +69,7 @@ def _read_domain(spec: str) -> tuple[str, list[str]]:
 def intention(
         out: OptionalOut = None, name: Name = None,
         model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
-        batch_size: BatchSize = 8,
+        batch_size: BatchSize = 32,
         checkpoints: Optional[List[str]] = typer.Option(None, help=CHECKPOINTS_HELP),
         n: int = typer.Option(200, min=1, help="number of word problems"),
         seed: int = typer.Option(0, help="problem-set seed"),

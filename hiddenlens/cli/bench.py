@@ -1,5 +1,5 @@
-"""``hiddenlens bench capture | store | dimensionality | steer | gpu | ray | dashboard | bb | prefix | sinks-ablation``:
-benchmarks that print a table and write JSON."""
+"""``hiddenlens bench capture | store | dimensionality | steer | gpu | ray | dashboard | bb | prefix | sinks-ablation |
+steer-eval``: benchmarks that print a table and write JSON."""
 from __future__ import annotations
 
 import json
@@ -156,3 +156,21 @@ def sinks_ablation(model: Model = DEFAULT_MODEL, device: Device = "auto", dtype:
 
     run_sinks_ablation_benchmark(model, prompts, tokens, heads, stack_rows, reps, threads, device, dtype,
                                  str(out) if out else None)
+
+
+@app.command("steer-eval")
+def steer_eval(model: Model = DEFAULT_MODEL, device: Device = "auto", dtype: Dtype = "auto",
+               items: int = typer.Option(64, min=2, help="held-out fact items scored"),
+               conditions: int = typer.Option(21, min=2, help="conditions scored (unsteered + random directions)"),
+               prompts: int = typer.Option(32, min=1, help="prompts decoded with detect-then-steer"),
+               new_tokens: int = typer.Option(6, min=1), layer: Optional[int] = typer.Option(
+                   None, help="block of the directions and the probe (default: the middle)"),
+               reps: int = typer.Option(2, min=1, help="timed rounds (after one warm-up round)"),
+               threads: Threads = None, out: Optional[Path] = typer.Option(None, help="JSON result")) -> None:
+    """The steering and TruthPrInt studies' speed-ups beside the paths they replaced: conditions stacked in one
+    forward vs one per forward, batched vs one-prompt detect-then-steer decoding, Newton vs lbfgs probe fits;
+    ratios with equality checks."""
+    from hiddenlens.benchmarks.steer_eval import run_steer_eval_benchmark
+
+    run_steer_eval_benchmark(model, items, conditions, prompts, new_tokens, layer, reps, threads, device, dtype,
+                             str(out) if out else None)

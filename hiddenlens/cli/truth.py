@@ -35,7 +35,7 @@ def directions(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: De
 
 @app.command("truthprint")
 def truthprint(model: Model = DEFAULT_MODEL, backend: Backend = "hf", device: Device = "auto", dtype: Dtype = "auto",
-               batch_size: BatchSize = 16,
+               batch_size: BatchSize = 64,
                families: str = typer.Option("capital,continent,currency,language,misconception",
                                             help="fact-set families (comma list)"),
                layers: Layers = None,
